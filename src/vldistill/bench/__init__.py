@@ -1,0 +1,1 @@
+"""Latency benchmarks of teacher vs dual encoder."""

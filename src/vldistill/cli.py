@@ -1,0 +1,31 @@
+"""What every stage entry point shares: argument parsing and params loading with one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vldistill.config import Params, load_or_exit
+
+
+def stage_args(description: str, task: bool = False, variant: bool = False) -> tuple[argparse.Namespace, Params]:
+    """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` and ``-S key=value`` overrides;
+    validate the params before any work starts (exit status 2 with one line on error)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run only, e.g. -S distill.layers=layerwise")
+    if task:
+        parser.add_argument("--task", required=True)
+    if variant:
+        parser.add_argument("--variant", required=True)
+    args = parser.parse_args()
+    params = load_or_exit(args.params, args.set)
+    if task and args.task not in ("pretrain", *params.tasks):
+        parser.exit(2, f"error: --task {args.task!r}: not an enabled task (tasks: {list(params.tasks)})\n")
+    if variant and args.variant not in params.variants:
+        parser.exit(2, f"error: --variant {args.variant!r}: not in variants (defined: {sorted(params.variants)})\n")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen under `dvc repro`
+    return args, params

@@ -1,0 +1,381 @@
+"""The schema of ``params.yaml`` and its loader.
+
+Every stage calls :func:`load` (or :func:`load_or_exit`) before it does any work, so a bad knob fails in seconds with
+one line that names the dotted key, the bad value and what is allowed. The library never reads ``params.yaml``
+itself: stages pass the validated :class:`Params` (or a sub-object) in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASKS = ("nlvr2",)
+"""Downstream tasks this version can run end to end (the design also names snli_ve, vqa, retrieval)."""
+KNOWLEDGE = ("gt", "soft", "hidden", "attn_all", "attn_cross", "attn_uni", "attn_mse", "token_nce")
+"""Every name ``distill.knowledge`` may hold."""
+IMPLEMENTED_KNOWLEDGE = ("gt", "soft", "attn_cross")
+"""The subset the dual-encoder student can be trained with in this version."""
+
+
+class ConfigError(ValueError):
+    """A params file that does not fit the schema; ``str(err)`` is the one line shown to the user."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are never silently coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+class SceneParams(Strict):
+    """The coarse grid of coloured shapes every generated (``shapes``) task draws its images from."""
+
+    grid: int = Field(3, ge=2, le=8, description="cells per side")
+    cell: int = Field(16, ge=8, le=64, description="pixels per cell (= one ViLT patch when equal to patch_size)")
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(4, ge=1)
+    jitter: float = Field(0.1, ge=0.0, le=0.3, description="relative colour and size jitter")
+
+    @model_validator(mode="after")
+    def _objects_fit(self):
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects={self.min_objects} must be <= max_objects={self.max_objects}")
+        if self.max_objects > self.grid * self.grid:
+            raise ValueError(f"max_objects={self.max_objects} must be <= grid*grid={self.grid * self.grid}")
+        return self
+
+
+class SplitSizes(Strict):
+    train: int = Field(ge=1)
+    dev: int = Field(ge=1)
+    test: int = Field(ge=1)
+
+
+class PretrainData(Strict):
+    """Image–caption corpus for pre-training (``shapes``: generated scenes with several true captions each)."""
+
+    source: Literal["shapes"] = "shapes"
+    root: str | None = None
+    images: SplitSizes = SplitSizes(train=4000, dev=200, test=200)
+    captions_per_image: int = Field(3, ge=1, le=10)
+
+
+NLVR2_TEMPLATES = ("contains", "both", "more", "at_least", "relation")
+NLVR2_OPTIONAL_TEMPLATES = ("neither", "exactly_one", "fewer", "exactly")
+
+
+class Nlvr2Data(Strict):
+    """Pairs of scenes with a statement about the pair; label True/False, balanced per template."""
+
+    source: Literal["shapes"] = "shapes"
+    root: str | None = None
+    pairs: SplitSizes = SplitSizes(train=20000, dev=1000, test=2000)
+    templates: list[Literal[NLVR2_TEMPLATES + NLVR2_OPTIONAL_TEMPLATES]] = list(NLVR2_TEMPLATES)
+
+    @field_validator("templates")
+    @classmethod
+    def _some_templates(cls, templates):
+        if not templates:
+            raise ValueError("must name at least one template")
+        return templates
+
+
+class DataParams(Strict):
+    scene: SceneParams = SceneParams()
+    pretrain: PretrainData = PretrainData()
+    nlvr2: Nlvr2Data | None = Nlvr2Data()
+
+
+class TokenizerParams(Strict):
+    vocab_size: int = Field(1000, ge=50, le=100_000, description="upper bound for the trained WordPiece vocabulary")
+
+
+# ------------------------------------------------------------------------------------------------------- models
+class TeacherParams(Strict):
+    """The ViLT fusion encoder (transformers' ViltConfig knobs)."""
+
+    init: Literal["scratch"] = "scratch"
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    patch_size: int = Field(16, ge=1)
+    max_text_len: int = Field(18, ge=4, le=512)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pixel_norm: Literal["unit", "vilt"] = Field(
+        "unit", description="unit: x/255 (black background = 0); vilt: (x/255 - 0.5)/0.5"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
+        return self
+
+
+class StudentParams(Strict):
+    kind: Literal["dual"] = "dual"
+    fusion_hidden: int = Field(256, ge=8, description="width of the fusion MLP over [text_cls; image_cls]")
+
+
+class DistillWeights(Strict):
+    gt: float = Field(1.0, ge=0)
+    soft: float = Field(1.0, ge=0)
+    hidden: float = Field(1.0, ge=0)
+    attn_all: float = Field(1.0, ge=0)
+    attn_cross: float = Field(1.0, ge=0)
+    attn_uni: float = Field(1.0, ge=0)
+    attn_mse: float = Field(1.0, ge=0)
+    token_nce: float = Field(1.0, ge=0)
+
+
+Knowledge = Literal[KNOWLEDGE]
+
+
+def _check_knowledge(knowledge: list[str] | None) -> list[str] | None:
+    if knowledge is None:
+        return None
+    if not knowledge:
+        raise ValueError(f"must name at least one of {list(KNOWLEDGE)}")
+    missing = [k for k in knowledge if k not in IMPLEMENTED_KNOWLEDGE]
+    if missing:
+        raise ValueError(f"{missing} not implemented yet for student.kind=dual; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
+    if len(set(knowledge)) != len(knowledge):
+        raise ValueError("names a term twice")
+    return knowledge
+
+
+def _check_stages(stages: list[str] | None) -> list[str] | None:
+    if stages is not None and "finetune" not in stages:
+        raise ValueError("must contain 'finetune' (the task student is always fine-tuned); allowed: [finetune], [pretrain, finetune]")
+    return stages
+
+
+class DistillParams(Strict):
+    """The main recipe (model name ``dide``); ablation variants override fields of it."""
+
+    knowledge: list[Knowledge] = ["gt", "soft", "attn_cross"]
+    layers: Literal["last", "layerwise"] = "last"
+    stages: list[Literal["pretrain", "finetune"]] = ["pretrain", "finetune"]
+    temperature: float = Field(1.0, gt=0)
+    weights: DistillWeights = DistillWeights()
+    cache_teacher: bool = Field(True, description="precompute the frozen teacher's targets once per stage")
+
+    _knowledge = field_validator("knowledge")(classmethod(lambda cls, v: _check_knowledge(v)))
+
+    @field_validator("stages")
+    @classmethod
+    def _finetune_always(cls, stages):
+        return _check_stages(stages)
+
+
+class VariantParams(Strict):
+    """One named student trained by ``distill_finetune@<task>@<variant>``: fields left out come from ``distill``."""
+
+    knowledge: list[Knowledge] | None = None
+    layers: Literal["last", "layerwise"] | None = None
+    stages: list[Literal["pretrain", "finetune"]] | None = None
+
+    _knowledge = field_validator("knowledge")(classmethod(lambda cls, v: _check_knowledge(v)))
+    _stages = field_validator("stages")(classmethod(lambda cls, v: _check_stages(v)))
+
+    def resolve(self, base: DistillParams) -> DistillParams:
+        """The full distillation recipe of this variant: ``base`` with this variant's fields replaced."""
+        return DistillParams(**{**base.model_dump(), **self.model_dump(exclude_none=True)})
+
+
+# -------------------------------------------------------------------------------------------------- execution
+class FabricParams(Strict):
+    accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "cpu"
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp", "dp"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+
+    @model_validator(mode="after")
+    def _precision_fits(self):
+        if self.accelerator == "cpu" and self.precision == "16-mixed":
+            raise ValueError("precision '16-mixed' needs a GPU; use '32-true' or 'bf16-mixed' on cpu")
+        return self
+
+
+class StageBudget(Strict):
+    """Optimisation budget of one training stage (AdamW, linear warm-up then linear decay)."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="examples per forward pass per process")
+    effective_batch: int | None = Field(None, ge=1, description="examples per optimizer step (gradient accumulation)")
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    head_lr_mult: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(25, ge=1)
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self):
+        if self.effective_batch is not None and self.effective_batch % self.batch_size:
+            raise ValueError(f"effective_batch={self.effective_batch} must be a multiple of batch_size={self.batch_size}")
+        return self
+
+
+class TrainParams(Strict):
+    teacher_pretrain: StageBudget = StageBudget(epochs=10, batch_size=64, lr=1e-3)
+    teacher_finetune: StageBudget = StageBudget(epochs=10, batch_size=64, lr=1e-3)
+    distill_pretrain: StageBudget = StageBudget(epochs=2, batch_size=64, lr=5e-4)
+    distill_finetune: StageBudget = StageBudget(epochs=8, batch_size=64, lr=5e-4)
+
+
+class BenchParams(Strict):
+    batch_sizes: list[int] = [1, 32]
+    device: Literal["cpu", "cuda"] = "cpu"
+    warmup: int = Field(3, ge=0)
+    min_repeats: int = Field(5, ge=3)
+    max_repeats: int = Field(50, ge=3)
+    rel_tol: float = Field(0.05, gt=0, description="stop repeating once the median moves less than this")
+    threads: int = Field(1, ge=1, description="torch intra-op threads while timing")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes={self.batch_sizes} must be a non-empty list of positive ints")
+        if self.min_repeats > self.max_repeats:
+            raise ValueError("min_repeats must be <= max_repeats")
+        return self
+
+
+class ReportParams(Strict):
+    decimals: int = Field(1, ge=0, le=4)
+
+
+class Params(Strict):
+    seed: int = Field(0, ge=0)
+    tasks: list[Literal[TASKS]] = ["nlvr2"]
+    data: DataParams = DataParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    teacher: TeacherParams = TeacherParams()
+    student: StudentParams = StudentParams()
+    distill: DistillParams = DistillParams()
+    variants: dict[str, VariantParams] = {"dide": VariantParams(), "dual_gt": VariantParams(knowledge=["gt"])}
+    fabric: FabricParams = FabricParams()
+    train: TrainParams = TrainParams()
+    bench: BenchParams = BenchParams()
+    report: ReportParams = ReportParams()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for task in self.tasks:
+            if getattr(self.data, task, None) is None:
+                raise ValueError(f"task {task!r} is in tasks but data.{task} is not set")
+        if "dide" not in self.variants:
+            raise ValueError("variants must define 'dide' (the main recipe, usually {})")
+        for name in self.variants:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"variant name {name!r} must be letters, digits and '_'")
+        return self
+
+    def variant(self, name: str) -> DistillParams:
+        """The full recipe of a named variant (see :class:`VariantParams`)."""
+        if name not in self.variants:
+            raise ConfigError(f"variant {name!r} is not in variants (defined: {sorted(self.variants)})")
+        return self.variants[name].resolve(self.distill)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def _allowed(model: type[BaseModel], loc: tuple) -> str:
+    """Describe what may stand at ``loc`` (keys of the enclosing section) for an unknown-key error."""
+    node: Any = model
+    for part in loc[:-1]:
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            return ""
+        node = fields[part].annotation
+        for arg in typing.get_args(node) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                node = arg
+    fields = getattr(node, "model_fields", None)
+    return f"allowed keys: {', '.join(fields)}" if fields else ""
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    """Turn pydantic's first error into: ``<source>: <dotted.key>=<value>: <what is allowed>``."""
+    first = err.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    # drop pydantic's internal union/validator tags (e.g. 'function-after[...]', 'literal[...]', 'Nlvr2Data')
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper())))
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<top level>"
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}' ({_allowed(Params, loc)})"
+    if first["type"] == "missing":
+        return f"{source}: {key} is required"
+    message = first["msg"].removeprefix("Value error, ")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    if len(shown) > 120:
+        shown = shown[:117] + "..."
+    return f"{source}: {key}={shown}: {message}"
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``raw``."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, text = override.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override and validate a params file. Raises :class:`ConfigError` with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, str(path))) from None
+
+
+def load_or_exit(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """:func:`load` for stage entry points: print the one-line error to stderr and exit with status 2."""
+    try:
+        return load(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a params (sub-)object into dotted keys, as logged to MLflow: ``{'train.lr': 0.001, ...}``."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix.rstrip(".")] = obj
+    return out

@@ -1,0 +1,139 @@
+"""The prepared format every later stage reads, and ``prepare`` for the generated (``shapes``) sources.
+
+``data/prepared/<task>/<split>.parquet`` holds one row per example (splits ``train``, ``dev``, ``test``), and
+``data/prepared/<task>/images.npy`` is the image store: a ``(N, H, W, 3)`` uint8 array decoded and resized once, that
+loads with ``np.load(mmap_mode='r')`` in milliseconds. Image columns (``image``, ``image_left``, ``image_right``)
+hold integer keys into that array.
+
+Columns: pretrain ``text, image, image_id``; nlvr2 ``text, label, label_name, image_left, image_right, template``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from vldistill.config import Nlvr2Data, PretrainData, SceneParams
+from vldistill.data import shapes
+from vldistill.io import atomic_path, write_json
+
+SPLITS = ("train", "dev", "test")
+NLVR2_LABELS = ("False", "True")
+
+
+def split_path(root: str | Path, task: str, split: str) -> Path:
+    return Path(root) / task / f"{split}.parquet"
+
+
+def store_path(root: str | Path, task: str) -> Path:
+    return Path(root) / task / "images.npy"
+
+
+def read_split(root: str | Path, task: str, split: str) -> pd.DataFrame:
+    """One prepared split; a clear error when it is missing or empty."""
+    path = split_path(root, task, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prepared split not found (run `dvc repro prepare@{task}`)")
+    frame = pd.read_parquet(path)
+    if frame.empty:
+        raise ValueError(f"{path}: prepared split is empty")
+    return frame
+
+
+def read_images(root: str | Path, task: str) -> np.ndarray:
+    """The task's image store ``(N, H, W, 3)`` uint8, memory-mapped."""
+    path = store_path(root, task)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image store not found (run `dvc repro prepare@{task}`)")
+    return np.load(path, mmap_mode="r")
+
+
+def _rng(seed: int, task: str, split: str) -> random.Random:
+    """A generator per (seed, task, split): splits never share a random stream, and reruns are identical."""
+    return random.Random(f"{seed}/{task}/{split}")
+
+
+def _generate_pretrain(cfg: PretrainData, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
+    frames, images = {}, []
+    for split in SPLITS:
+        rng = _rng(seed, "pretrain", split)
+        rows = []
+        for _ in tqdm(range(getattr(cfg.images, split)), desc=f"pretrain/{split}", leave=False):
+            objs = shapes.random_scene(rng, scene.grid, scene.min_objects, scene.max_objects)
+            key = len(images)
+            images.append(shapes.render(objs, scene.grid, scene.cell, scene.jitter, rng))
+            captions = []
+            for _ in range(cfg.captions_per_image * 4):  # draw until enough distinct captions (or give up)
+                text = shapes.caption(objs, scene.grid, rng)
+                if text not in captions:
+                    captions.append(text)
+                if len(captions) == cfg.captions_per_image:
+                    break
+            rows += [{"text": t, "image": key, "image_id": f"{split}-{key}"} for t in captions]
+        frames[split] = pd.DataFrame(rows)
+    return frames, images
+
+
+def _generate_nlvr2(cfg: Nlvr2Data, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
+    frames, images = {}, []
+    for split in SPLITS:
+        rng = _rng(seed, "nlvr2", split)
+        rows = []
+        for i in tqdm(range(getattr(cfg.pairs, split)), desc=f"nlvr2/{split}", leave=False):
+            statement, left, right, label = shapes.nlvr2_example(
+                rng, list(cfg.templates), scene.grid, scene.min_objects, scene.max_objects
+            )
+            key = len(images)
+            images.append(shapes.render(left, scene.grid, scene.cell, scene.jitter, rng))
+            images.append(shapes.render(right, scene.grid, scene.cell, scene.jitter, rng))
+            rows.append({
+                "identifier": f"{split}-{i}", "text": statement.text, "label": int(label),
+                "label_name": NLVR2_LABELS[int(label)], "image_left": key, "image_right": key + 1,
+                "template": statement.template,
+            })
+        frames[split] = pd.DataFrame(rows)
+    return frames, images
+
+
+def summary(task: str, frames: dict[str, pd.DataFrame]) -> dict:
+    """Counts per split and the label distribution: what ``metrics/data/<task>.json`` holds."""
+    out = {}
+    for split, frame in frames.items():
+        entry = {"examples": int(len(frame))}
+        if "label_name" in frame:
+            entry["labels"] = {k: int(v) for k, v in sorted(Counter(frame["label_name"]).items())}
+        if "template" in frame:
+            entry["templates"] = {k: int(v) for k, v in sorted(Counter(frame["template"]).items())}
+        if "image" in frame:
+            entry["images"] = int(frame["image"].nunique())
+        out[split] = entry
+    return out
+
+
+def prepare(task: str, data_cfg, scene: SceneParams, seed: int, out_root: str | Path, metrics_path: str | Path) -> dict:
+    """Generate (or, later, read) one task into the prepared format. Every file is written atomically, the split
+    tables last, so an interrupted run never leaves a finished-looking partial output. Returns the summary
+    (plus the wall time in ``seconds``, which is kept out of the metrics file so reruns write identical bytes)."""
+    start = time.perf_counter()
+    if data_cfg.source != "shapes":
+        raise ValueError(f"data.{task}.source={data_cfg.source!r}: only 'shapes' is implemented in this version")
+    generate = {"pretrain": _generate_pretrain, "nlvr2": _generate_nlvr2}[task]
+    frames, images = generate(data_cfg, scene, seed)
+    with atomic_path(store_path(out_root, task)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.stack(images))
+    for split, frame in frames.items():
+        if frame.empty:
+            raise ValueError(f"data.{task}: split {split!r} came out empty")
+        with atomic_path(split_path(out_root, task, split)) as tmp:
+            frame.to_parquet(tmp, index=False)
+    stats = {"task": task, "source": data_cfg.source, "splits": summary(task, frames),
+             "image_store": {"images": len(images), "shape": list(images[0].shape)}}
+    write_json(metrics_path, stats)
+    return {**stats, "seconds": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,1 @@
+"""Distillation: attention capture (Q/K hooks, cross-modal distributions) and every knowledge-distillation loss."""

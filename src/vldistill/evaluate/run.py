@@ -1,0 +1,41 @@
+"""``evaluate@<task>``: score the fine-tuned teacher and every student variant on dev and test."""
+
+from __future__ import annotations
+
+import torch
+
+from vldistill import paths
+from vldistill.config import Params
+from vldistill.data import tokenizer as tok
+from vldistill.data.datasets import load_split
+from vldistill.evaluate.metrics import nlvr2_accuracy
+from vldistill.io import write_json
+from vldistill.models.dual import DualEncoder
+from vldistill.models.teacher import ViltTeacher
+
+SPLITS = ("dev", "test")
+
+
+def models_for(task: str, params: Params) -> dict[str, object]:
+    """``{"teacher": path, "<variant>": path, ...}``: the checkpoints evaluated for ``task``."""
+    found = {"teacher": paths.model_dir("teacher_finetune", task)}
+    for variant in params.variants:
+        found[variant] = paths.model_dir("distill_finetune", task, variant)
+    return found
+
+
+def evaluate_task(params: Params, task: str) -> dict[str, dict]:
+    """Write ``metrics/eval/<task>/<model>.json = {"dev": {"accuracy": a}, "test": {...}}`` for every model."""
+    if task != "nlvr2":
+        raise ValueError(f"evaluate: task {task!r} is not implemented yet (available: nlvr2)")
+    torch.manual_seed(params.seed)
+    tokenizer = tok.load(paths.TOKENIZER)
+    splits = {s: load_split(paths.PREPARED, task, s, tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
+              for s in SPLITS}
+    results = {}
+    for name, path in models_for(task, params).items():
+        model = ViltTeacher.load(path) if name == "teacher" else DualEncoder.load(path)
+        model.eval()
+        results[name] = {split: {"accuracy": round(nlvr2_accuracy(model, data), 6)} for split, data in splits.items()}
+        write_json(paths.eval_metrics(task, name), results[name])
+    return results

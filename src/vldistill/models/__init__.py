@@ -1,0 +1,1 @@
+"""Models: the ViLT teacher (transformers), the DiDE dual-encoder student, and their heads."""

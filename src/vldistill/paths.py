@@ -1,0 +1,41 @@
+"""Where each stage reads and writes (the file contracts of the design notes), relative to the repository root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREPARED = Path("data/prepared")
+TOKENIZER = Path("models/tokenizer")
+
+
+def model_dir(stage: str, task: str | None = None, variant: str | None = None) -> Path:
+    """``models/<stage>/<task>[/<variant>]`` (pre-training stages have no task)."""
+    return Path("models", stage, *(p for p in (task, variant) if p))
+
+
+def checkpoint_dir(stage: str, task: str | None = None, variant: str | None = None) -> Path:
+    """Resume checkpoints of an unfinished stage (git-ignored, not a DVC output, so DVC does not delete them)."""
+    return Path("checkpoints", stage, *(p for p in (task, variant) if p))
+
+
+def curve_path(stage: str, task: str, variant: str | None = None) -> Path:
+    """``plots/train/<stage>/<task>[/<variant>].csv``."""
+    base = Path("plots/train", stage)
+    return base / task / f"{variant}.csv" if variant else base / f"{task}.csv"
+
+
+def train_metrics(stage: str, task: str, variant: str | None = None) -> Path:
+    base = Path("metrics/train", stage)
+    return base / task / f"{variant}.json" if variant else base / f"{task}.json"
+
+
+def eval_metrics(task: str, model: str) -> Path:
+    """``metrics/eval/<task>/<model>.json``."""
+    return Path("metrics/eval", task, f"{model}.json")
+
+
+def data_metrics(task: str) -> Path:
+    return Path("metrics/data", f"{task}.json")
+
+
+LATENCY = Path("metrics/bench/latency.json")

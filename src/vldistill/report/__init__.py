@@ -1,0 +1,1 @@
+"""Table builders used by the report notebooks (pandas)."""

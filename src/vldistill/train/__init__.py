@@ -1,0 +1,1 @@
+"""Training: the one Fabric loop, optimiser and schedule, checkpoints, MLflow tracking."""

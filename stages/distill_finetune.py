@@ -1,0 +1,14 @@
+"""Stage distill_finetune@<task>@<variant>: see vldistill.train.runs.distill_finetune."""
+
+from vldistill.cli import stage_args
+from vldistill.train import runs
+
+
+def main() -> None:
+    args, params = stage_args(__doc__, task=True, variant=True)
+    summary = runs.distill_finetune(params, args.task, args.variant)
+    print(f"distill_finetune@{args.task}@{args.variant}: {summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Stage teacher_finetune@<task>: see vldistill.train.runs.teacher_finetune."""
+
+from vldistill.cli import stage_args
+from vldistill.train import runs
+
+
+def main() -> None:
+    args, params = stage_args(__doc__, task=True)
+    summary = runs.teacher_finetune(params, args.task)
+    print(f"teacher_finetune@{args.task}: {summary}")
+
+
+if __name__ == "__main__":
+    main()

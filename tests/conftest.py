@@ -1,0 +1,43 @@
+"""Shared fixtures: the repository root, the venv's python, and a tiny params override for end-to-end runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {
+        "pretrain": {"images": {"train": 64, "dev": 16, "test": 16}, "captions_per_image": 2},
+        "nlvr2": {"pairs": {"train": 128, "dev": 32, "test": 32}},
+    },
+    "teacher": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+    "student": {"fusion_hidden": 32},
+    "train": {stage: {"epochs": 1, "batch_size": 16, "lr": 1.0e-3, "log_every": 2}
+              for stage in ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune")},
+    "bench": {"batch_sizes": [1, 4], "warmup": 1, "min_repeats": 3, "max_repeats": 5},
+}
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def tiny_params_text() -> str:
+    """params.yaml of the repo with the TINY override applied (same keys, minutes → seconds)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_dump(deep_update(params, TINY), sort_keys=False)
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

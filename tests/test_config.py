@@ -1,0 +1,74 @@
+"""params.yaml schema: the committed file is valid; every bad value fails in ONE line naming key, value, choices."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from vldistill.config import ConfigError, Params, flatten, load
+
+from conftest import ROOT
+
+
+def test_committed_params_are_valid():
+    params = load(ROOT / "params.yaml")
+    assert params.tasks == ["nlvr2"]
+    assert params.variant("dual_gt").knowledge == ["gt"]
+    assert params.variant("dide").knowledge == list(params.distill.knowledge)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("distill.layers=lasst", ["distill.layers", "lasst", "'last' or 'layerwise'"]),
+    ("distil.layers=last", ["unknown key 'distil'", "distill"]),
+    ("distill.foo=1", ["unknown key 'distill.foo'", "knowledge"]),
+    ("train.teacher_finetune.lr=-1", ["train.teacher_finetune.lr", "-1", "greater than 0"]),
+    ("train.teacher_finetune.batch_size=0", ["train.teacher_finetune.batch_size", "0"]),
+    ("distill.knowledge=[]", ["distill.knowledge", "at least one"]),
+    ("distill.knowledge=[gt, telepathy]", ["distill.knowledge[1]", "telepathy", "attn_cross"]),
+    ("distill.stages=[pretrain]", ["distill.stages", "finetune"]),
+    ("fabric.precision=16-mixed", ["fabric", "16-mixed", "GPU"]),
+    ("fabric.strategy=horovod", ["fabric.strategy", "horovod", "ddp"]),
+    ("tasks=[nlvr2, coco]", ["tasks[1]", "coco", "nlvr2"]),
+    ("seed=abc", ["seed", "abc", "integer"]),
+    ("teacher.hidden_size=130", ["teacher", "multiple of num_heads"]),
+    ("data.nlvr2.templates=[contains, teleport]", ["data.nlvr2.templates[1]", "teleport"]),
+    ("variants.x={layers: sideways}", ["variants.x.layers", "sideways"]),
+    ("bench.batch_sizes=[]", ["bench", "batch_sizes"]),
+])
+def test_bad_values_fail_in_one_line(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load(ROOT / "params.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)
+
+
+def test_stage_cli_exits_nonzero_with_one_line(tmp_path, python):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["distill"]["layers"] = "lasst"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    out = subprocess.run([python, str(ROOT / "stages/distill_pretrain.py"), "--params", str(path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "distill.layers" in lines[0] and "lasst" in lines[0], out.stderr
+    assert not any(tmp_path.glob("models")) and not any(tmp_path.glob("metrics"))
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(Params())
+    assert flat["distill.layers"] == "last"
+    assert flat["train.teacher_finetune.lr"] > 0

@@ -1,0 +1,136 @@
+"""End to end, as a user would: `dvc repro` on a tiny params override in a fresh copy of the repository, then a
+no-op rerun, a one-knob experiment that reruns only the stages downstream of it, and a bad knob that fails fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_params_text
+
+pytestmark = pytest.mark.slow
+
+TOP_LEVEL_GENERATED = {".venv", ".git", "data", "models", "metrics", "plots", "checkpoints", "mlflow.db", "mlruns",
+                       ".pytest_cache", "dvc.lock"}
+DISTILL_DOWNSTREAM = {"distill_pretrain", "distill_finetune@nlvr2-dide", "distill_finetune@nlvr2-dual_gt",
+                      "evaluate@nlvr2", "benchmark", "report"}
+
+
+def _copy_repo(dest: Path) -> None:
+    def ignore(directory, names):
+        here = Path(directory).resolve()
+        skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        if here == ROOT.resolve():
+            skip |= TOP_LEVEL_GENERATED & set(names)
+        elif here == (ROOT / "reports").resolve():
+            skip |= {n for n in names if n != "templates"}
+        elif here == (ROOT / ".dvc").resolve():
+            skip |= {"cache", "tmp"} & set(names)
+        return skip
+
+    shutil.copytree(ROOT, dest, ignore=ignore)
+
+
+def _run(args: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("e2e") / "repo"
+    _copy_repo(repo)
+    (repo / "params.yaml").write_text(tiny_params_text())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env)
+    first = _run(["dvc", "repro"], repo, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "repro"], cwd=repo, check=True, env=env)
+    return repo, env, first
+
+
+def test_every_stage_ran_and_wrote_its_contract_files(repo):
+    path, _, first = repo
+    assert _stages_run(first.stdout) == {
+        "prepare@pretrain", "prepare@nlvr2", "tokenizer", "teacher_pretrain", "teacher_finetune@nlvr2",
+        *DISTILL_DOWNSTREAM}
+    for model in ("teacher", "dual_gt", "dide"):
+        scores = json.loads((path / f"metrics/eval/nlvr2/{model}.json").read_text())
+        for split in ("dev", "test"):
+            assert 0.0 <= scores[split]["accuracy"] <= 1.0
+    latency = json.loads((path / "metrics/bench/latency.json").read_text())
+    row = latency["embedded"]["nlvr2"]["1"]
+    assert row["teacher_ms"] > 0 and row["dual_cached_ms"] > 0
+    assert row["speedup_cached"] == pytest.approx(row["teacher_ms"] / row["dual_cached_ms"], rel=0.01)
+    for curve in ("teacher_pretrain/pretrain.csv", "teacher_finetune/nlvr2.csv", "distill_finetune/nlvr2/dide.csv"):
+        header = (path / "plots/train" / curve).read_text().splitlines()[0].split(",")
+        assert {"step", "lr", "loss"} <= set(header)
+
+
+def test_report_holds_this_runs_numbers(repo):
+    path, _, _ = repo
+    report = (path / "reports/results.md").read_text()
+    assert (path / "reports/results.ipynb").is_file() and (path / "reports/figures/nlvr2_curves.png").is_file()
+    for model, label in (("teacher", "ViLT teacher"), ("dual_gt", "ground-truth labels only"), ("dide", "DiDE")):
+        scores = json.loads((path / f"metrics/eval/nlvr2/{model}.json").read_text())
+        line = next(l for l in report.splitlines() if label in l)
+        assert f"{100 * scores['test']['accuracy']:.1f}" in line
+    assert "missing" not in report
+
+
+def test_second_repro_does_nothing(repo):
+    path, env, _ = repo
+    again = _run(["dvc", "repro"], path, env)
+    assert again.returncode == 0 and not _stages_run(again.stdout), again.stdout
+
+
+def test_mlflow_has_one_run_per_stage_execution(repo):
+    path, _, _ = repo
+    with sqlite3.connect(path / "mlflow.db") as db:
+        stages = [r[0] for r in db.execute("select value from tags where key = 'stage'")]
+        params = db.execute("select count(*) from params").fetchone()[0]
+        metrics = db.execute("select count(*) from metrics").fetchone()[0]
+    assert sorted(stages) == sorted(["prepare", "prepare", "tokenizer", "teacher_pretrain", "teacher_finetune",
+                                     "distill_pretrain", "distill_finetune", "distill_finetune", "evaluate",
+                                     "benchmark", "report"])
+    assert params > 50 and metrics > 20
+
+
+def test_one_knob_reruns_only_downstream_stages(repo):
+    path, env, _ = repo
+    exp = _run(["dvc", "exp", "run", "-S", "distill.layers=layerwise"], path, env)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    assert _stages_run(exp.stdout) == DISTILL_DOWNSTREAM
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], path, env)
+    assert "layerwise" in shown.stdout and "accuracy" in shown.stdout
+    with sqlite3.connect(path / "mlflow.db") as db:
+        exp_names = {r[0] for r in db.execute("select value from tags where key = 'dvc_exp'")}
+    assert exp_names - {""}, "runs under `dvc exp run` carry the experiment name"
+
+
+def test_bad_knob_fails_fast_with_one_line(repo):
+    path, env, _ = repo
+    start = time.perf_counter()
+    bad = _run(["dvc", "exp", "run", "-S", "distill.layers=lasst"], path, env, timeout=300)
+    elapsed = time.perf_counter() - start
+    subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=path, env=env)
+    assert bad.returncode != 0
+    ours = [l for l in (bad.stdout + bad.stderr).splitlines() if l.startswith("error: ")]
+    assert len(ours) == 1 and "distill.layers" in ours[0] and "'last' or 'layerwise'" in ours[0], bad.stderr
+    assert elapsed < 60
