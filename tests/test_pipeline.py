@@ -134,3 +134,16 @@ def test_bad_knob_fails_fast_with_one_line(repo):
     ours = [l for l in (bad.stdout + bad.stderr).splitlines() if l.startswith("error: ")]
     assert len(ours) == 1 and "distill.layers" in ours[0] and "'last' or 'layerwise'" in ours[0], bad.stderr
     assert elapsed < 60
+
+
+def test_fusion_student_with_distillvlm_losses_trains_through_the_stage(repo):
+    """Run last: it overwrites the dide student of the tiny repo with a small fusion student (DistillVLM losses)."""
+    path, env, _ = repo
+    out = _run(["python", "stages/distill_finetune.py", "--task", "nlvr2", "--variant", "dide",
+                "-S", "student.kind=fusion", "-S", "student.num_layers=1",
+                "-S", "distill.knowledge=[gt, soft, hidden, attn_mse, token_nce]", "-S", "distill.layers=layerwise"],
+               path, env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((path / "metrics/train/distill_finetune/nlvr2/dide.json").read_text())
+    assert summary["knowledge"] == "gt+soft+hidden+attn_mse+token_nce" and 0 <= summary["dev_accuracy"] <= 1
+    assert (path / "models/distill_finetune/nlvr2/dide/heads.json").is_file()

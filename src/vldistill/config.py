@@ -20,8 +20,8 @@ TASKS = ("nlvr2",)
 """Downstream tasks this version can run end to end (the design also names snli_ve, vqa, retrieval)."""
 KNOWLEDGE = ("gt", "soft", "hidden", "attn_all", "attn_cross", "attn_uni", "attn_mse", "token_nce")
 """Every name ``distill.knowledge`` may hold."""
-IMPLEMENTED_KNOWLEDGE = ("gt", "soft", "attn_cross")
-"""The subset the dual-encoder student can be trained with in this version."""
+IMPLEMENTED_KNOWLEDGE = KNOWLEDGE
+"""The subset the students can be trained with in this version (all of them)."""
 
 
 class ConfigError(ValueError):
@@ -122,8 +122,21 @@ class TeacherParams(Strict):
 
 
 class StudentParams(Strict):
-    kind: Literal["dual"] = "dual"
-    fusion_hidden: int = Field(256, ge=8, description="width of the fusion MLP over [text_cls; image_cls]")
+    """``dual``: the DiDE dual encoder (towers = copies of the teacher); ``fusion``: a smaller ViLT (DistillVLM)."""
+
+    kind: Literal["dual", "fusion"] = "dual"
+    fusion_hidden: int = Field(256, ge=8, description="dual: width of the fusion MLP over [text_cls; image_cls]")
+    num_layers: int | None = Field(None, ge=1, description="fusion: depth (default: half the teacher's, at least 1)")
+    hidden_size: int | None = Field(None, ge=8, description="fusion: width (default: the teacher's)")
+    num_heads: int | None = Field(None, ge=1, description="fusion: attention heads (default: the teacher's)")
+    init: Literal["teacher", "scratch"] = Field(
+        "teacher", description="fusion: copy the teacher's embeddings and a uniform subset of its layers (same width "
+                               "only), or start from random weights")
+
+
+class NceParams(Strict):
+    queue_size: int = Field(4096, ge=1, description="token_nce: FIFO queue of past teacher token states")
+    temperature: float = Field(0.07, gt=0)
 
 
 class DistillWeights(Strict):
@@ -147,7 +160,7 @@ def _check_knowledge(knowledge: list[str] | None) -> list[str] | None:
         raise ValueError(f"must name at least one of {list(KNOWLEDGE)}")
     missing = [k for k in knowledge if k not in IMPLEMENTED_KNOWLEDGE]
     if missing:
-        raise ValueError(f"{missing} not implemented yet for student.kind=dual; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
+        raise ValueError(f"{missing} not implemented yet; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
     if len(set(knowledge)) != len(knowledge):
         raise ValueError("names a term twice")
     return knowledge
@@ -167,6 +180,7 @@ class DistillParams(Strict):
     stages: list[Literal["pretrain", "finetune"]] = ["pretrain", "finetune"]
     temperature: float = Field(1.0, gt=0)
     weights: DistillWeights = DistillWeights()
+    nce: NceParams = NceParams()
     cache_teacher: bool = Field(True, description="precompute the frozen teacher's targets once per stage")
 
     _knowledge = field_validator("knowledge")(classmethod(lambda cls, v: _check_knowledge(v)))
