@@ -8,7 +8,7 @@ from vldistill.train.tracking import Tracker
 
 
 def main() -> None:
-    args, params = stage_args(__doc__, task=True)
+    args, params = stage_args(__doc__, task=True, any_data_task=True)
     data_cfg = getattr(params.data, args.task)
     with Tracker("prepare", flatten({"seed": params.seed, f"data.{args.task}": data_cfg, "data.scene": params.data.scene}),
                  task=args.task) as tracker:

@@ -88,10 +88,49 @@ class Nlvr2Data(Strict):
         return templates
 
 
+class SnliVeData(Strict):
+    """One (partly occluded) scene + a hypothesis; entailment / neutral / contradiction by determinability."""
+
+    source: Literal["shapes"] = "shapes"
+    root: str | None = None
+    pairs: SplitSizes = SplitSizes(train=20000, dev=1000, test=2000)
+    templates: list[Literal["exists", "at_least", "at_most", "relation"]] = ["exists", "at_least", "at_most", "relation"]
+    max_occluders: int = Field(2, ge=1, le=3, description="grey cells hiding whatever lies below (labels enumerate them)")
+
+    @field_validator("templates")
+    @classmethod
+    def _some_templates(cls, templates):
+        if not templates:
+            raise ValueError("must name at least one template")
+        return templates
+
+
+class VqaData(Strict):
+    """Questions about one image with soft-scored answers (``easy_vqa``: the data set shipped by the PyPI package)."""
+
+    source: Literal["easy_vqa"] = "easy_vqa"
+    root: str | None = None
+    min_answer_freq: int = Field(1, ge=1, description="answers seen fewer times in train are dropped (paper: 9)")
+    holdout_images: int = Field(400, ge=1, description="the last N training images form dev (paper: 1000)")
+    image_size: int = Field(48, ge=16, description="images are resized to this square size at prepare time")
+
+
+class RetrievalData(Strict):
+    """Images with several captions each, Karpathy-style splits (image-level)."""
+
+    source: Literal["shapes"] = "shapes"
+    root: str | None = None
+    images: SplitSizes = SplitSizes(train=3000, dev=100, test=100)
+    captions_per_image: int = Field(5, ge=1, le=10)
+
+
 class DataParams(Strict):
     scene: SceneParams = SceneParams()
     pretrain: PretrainData = PretrainData()
     nlvr2: Nlvr2Data | None = Nlvr2Data()
+    snli_ve: SnliVeData | None = SnliVeData()
+    vqa: VqaData | None = VqaData()
+    retrieval: RetrievalData | None = RetrievalData()
 
 
 class TokenizerParams(Strict):
