@@ -12,8 +12,11 @@ image_id, question_id`` (and ``answers.json``, the answer vocabulary, beside the
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +27,8 @@ from tqdm import tqdm
 
 from vldistill.config import Nlvr2Data, PretrainData, SceneParams
 from vldistill.data import shapes
-from vldistill.io import atomic_path, write_json
+from vldistill.data.official import DataError
+from vldistill.io import write_json
 
 SPLITS = ("train", "dev", "test")
 NLVR2_LABELS = ("False", "True")
@@ -55,6 +59,11 @@ def read_images(root: str | Path, task: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image store not found (run `dvc repro prepare@{task}`)")
     return np.load(path, mmap_mode="r")
+
+
+def _mkdir(path: str | Path) -> Path:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
 
 
 def _rng(seed: int, task: str, split: str) -> random.Random:
@@ -150,7 +159,7 @@ def _read_easy_vqa(cfg, scene: SceneParams, seed: int) -> tuple[dict, list[np.nd
     def image_key(split: str, image_id: int, path: str) -> int:
         if (split, image_id) not in keys:
             with Image.open(path) as im:
-                im = im.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+                im = im.convert("RGB").resize((cfg.easy_vqa_size, cfg.easy_vqa_size), Image.BICUBIC)
                 images.append(np.asarray(im, dtype=np.uint8))
             keys[split, image_id] = len(images) - 1
         return keys[split, image_id]
@@ -181,6 +190,26 @@ def _vqa_vocabulary(frames: dict[str, pd.DataFrame], min_freq: int) -> tuple[lis
     return vocab, {**frames, "train": train[keep].reset_index(drop=True)}
 
 
+def _read_official(task: str, cfg) -> tuple[dict, list[np.ndarray]]:
+    """An official release (downloaded first when ``root`` is missing and ``url`` is set)."""
+    from vldistill.data import official
+    from vldistill.data.download import ensure_root
+
+    root = ensure_root(cfg.root, cfg.url, cfg.sha256)
+    store = official.ImageStoreBuilder((cfg.image_size[0], cfg.image_size[1]))
+    readers = {"nlvr2": lambda: official.read_nlvr2(root, store), "snli_ve": lambda: official.read_snli_ve(root, store),
+               "vqa": lambda: official.read_vqa(root, store, cfg.holdout_images),
+               "retrieval": lambda: official.read_karpathy(root, store, "flickr30k"),
+               "pretrain": lambda: official.read_karpathy(root, store, "coco")}
+    frames = readers[task]()
+    if task == "pretrain" and cfg.vg_root:
+        vg = official.read_visual_genome(Path(cfg.vg_root), store, cfg.vg_regions_per_image)
+        frames["train"] = pd.concat([frames["train"], vg], ignore_index=True)
+    if not store.images:
+        raise DataError(f"data.{task} ({root}): no images were read")
+    return frames, store.images
+
+
 def summary(task: str, frames: dict[str, pd.DataFrame]) -> dict:
     """Counts per split and the label distribution: what ``metrics/data/<task>.json`` holds."""
     out = {}
@@ -200,29 +229,40 @@ def summary(task: str, frames: dict[str, pd.DataFrame]) -> dict:
 
 
 def prepare(task: str, data_cfg, scene: SceneParams, seed: int, out_root: str | Path, metrics_path: str | Path) -> dict:
-    """Generate (or, later, read) one task into the prepared format. Every file is written atomically, the split
-    tables last, so an interrupted run never leaves a finished-looking partial output. Returns the summary
+    """Generate or read one task into the prepared format. Everything is written into a staging directory that
+    replaces ``<out_root>/<task>`` only once complete, so bad input or an interruption never leaves a
+    finished-looking partial output. Returns the summary
     (plus the wall time in ``seconds``, which is kept out of the metrics file so reruns write identical bytes)."""
     start = time.perf_counter()
-    generate = {("pretrain", "shapes"): _generate_pretrain, ("nlvr2", "shapes"): _generate_nlvr2,
+    generate = {("pretrain", "official"): _read_official, ("nlvr2", "official"): _read_official,
+                ("snli_ve", "official"): _read_official, ("vqa", "official"): _read_official,
+                ("retrieval", "official"): _read_official,
+                ("pretrain", "shapes"): _generate_pretrain, ("nlvr2", "shapes"): _generate_nlvr2,
                 ("snli_ve", "shapes"): _generate_snli_ve, ("retrieval", "shapes"): _generate_retrieval,
                 ("vqa", "easy_vqa"): _read_easy_vqa}.get((task, data_cfg.source))
     if generate is None:
         raise ValueError(f"data.{task}.source={data_cfg.source!r}: not available for {task} in this version")
-    frames, images = generate(data_cfg, scene, seed)
+    frames, images = generate(task, data_cfg) if generate is _read_official else generate(data_cfg, scene, seed)
+    for split in SPLITS:
+        if split not in frames or frames[split].empty:
+            where = f" ({data_cfg.root})" if data_cfg.source == "official" else ""
+            raise DataError(f"data.{task}{where}: split {split!r} is empty")
     extra = {}
-    if task == "vqa":
-        vocab, frames = _vqa_vocabulary(frames, data_cfg.min_answer_freq)
-        write_json(Path(out_root) / task / "answers.json", vocab)
-        extra["answer_vocabulary"] = len(vocab)
-    with atomic_path(store_path(out_root, task)) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.stack(images))
-    for split, frame in frames.items():
-        if frame.empty:
-            raise ValueError(f"data.{task}: split {split!r} came out empty")
-        with atomic_path(split_path(out_root, task, split)) as tmp:
-            frame.to_parquet(tmp, index=False)
+    final = Path(out_root) / task
+    staging = Path(tempfile.mkdtemp(prefix=f".{task}.", dir=_mkdir(out_root)))
+    try:  # write everything into a staging directory, then swap it in: never a half-written task directory
+        if task == "vqa":
+            vocab, frames = _vqa_vocabulary(frames, data_cfg.min_answer_freq)
+            write_json(staging / "answers.json", vocab)
+            extra["answer_vocabulary"] = len(vocab)
+        np.save(staging / "images.npy", np.stack(images))
+        for split, frame in frames.items():
+            frame.to_parquet(staging / f"{split}.parquet", index=False)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     stats = {"task": task, "source": data_cfg.source, "splits": summary(task, frames),
              "image_store": {"images": len(images), "shape": list(images[0].shape)}, **extra}
     write_json(metrics_path, stats)

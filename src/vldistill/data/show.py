@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vldistill.data.prepared import read_images, read_split
+from vldistill.io import atomic_path
 
 
 def _label(row) -> str:
@@ -49,8 +50,8 @@ def draw_examples(root: str | Path, task: str, split: str, n: int, out: str | Pa
     fig.suptitle(f"{task} / {split}: {len(frame)} examples", fontsize=11)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 
