@@ -14,7 +14,10 @@ def main() -> None:
     for task in ("pretrain", *params.tasks):
         texts += read_split(paths.PREPARED, task, "train")["text"].tolist()
     with Tracker("tokenizer", flatten({"tokenizer": params.tokenizer, "tasks": params.tasks})) as tracker:
-        tokenizer = tok.train_tokenizer(texts, params.tokenizer.vocab_size, params.teacher.max_text_len)
+        if params.tokenizer.pretrained:
+            tokenizer = tok.from_pretrained(params.tokenizer.pretrained, params.teacher.max_text_len)
+        else:
+            tokenizer = tok.train_tokenizer(texts, params.tokenizer.vocab_size, params.teacher.max_text_len)
         tok.save(tokenizer, paths.TOKENIZER)
         tracker.log_metrics({"vocab_size": len(tokenizer), "texts": len(texts)})
     print(f"tokenizer: {len(tokenizer)} tokens from {len(texts)} texts → {paths.TOKENIZER}")

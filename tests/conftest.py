@@ -14,6 +14,8 @@ TINY = {
     "data": {
         "pretrain": {"images": {"train": 64, "dev": 16, "test": 16}, "captions_per_image": 2},
         "nlvr2": {"pairs": {"train": 128, "dev": 32, "test": 32}},
+        "snli_ve": {"pairs": {"train": 60, "dev": 15, "test": 15}},
+        "retrieval": {"images": {"train": 20, "dev": 8, "test": 8}},
     },
     "teacher": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
     "student": {"fusion_hidden": 32},

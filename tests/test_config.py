@@ -36,6 +36,8 @@ def test_committed_params_are_valid():
     ("data.nlvr2.templates=[contains, teleport]", ["data.nlvr2.templates[1]", "teleport"]),
     ("variants.x={layers: sideways}", ["variants.x.layers", "sideways"]),
     ("bench.batch_sizes=[]", ["bench", "batch_sizes"]),
+    ("student.kind=triple", ["student.kind", "triple", "'dual' or 'fusion'"]),
+    ("distill.nce.queue_size=0", ["distill.nce.queue_size", "0"]),
 ])
 def test_bad_values_fail_in_one_line(override, expected):
     with pytest.raises(ConfigError) as info:
@@ -66,6 +68,12 @@ def test_stage_cli_exits_nonzero_with_one_line(tmp_path, python):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "distill.layers" in lines[0] and "lasst" in lines[0], out.stderr
     assert not any(tmp_path.glob("models")) and not any(tmp_path.glob("metrics"))
+
+
+def test_fusion_student_params_load():
+    params = load(ROOT / "params.yaml", ["student.kind=fusion", "student.num_layers=2",
+                                        "distill.knowledge=[gt, soft, attn_mse, token_nce]"])
+    assert params.student.kind == "fusion" and params.distill.nce.queue_size > 0
 
 
 def test_flatten_gives_dotted_keys():

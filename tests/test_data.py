@@ -77,3 +77,13 @@ def test_pretrain_and_tokenizer(tmp_path):
     ids = again("there is a red circle")["input_ids"]
     assert ids[0] == again.cls_token_id and ids[-1] == again.sep_token_id
     assert again.decode(ids, skip_special_tokens=True) == "there is a red circle"
+
+
+def test_pretrained_tokenizer_from_a_local_directory(tmp_path):
+    from vldistill.data.tokenizer import from_pretrained
+
+    trained = train_tokenizer(["a red circle", "two blue squares"], 100, 18)
+    save_tokenizer(trained, tmp_path / "bert-like")
+    loaded = from_pretrained(str(tmp_path / "bert-like"), 40)
+    assert loaded.model_max_length == 40
+    assert loaded("a red circle")["input_ids"] == trained("a red circle")["input_ids"]

@@ -55,3 +55,13 @@ def test_mask_tokens_only_real_non_special_tokens():
     assert chosen.any(dim=1).all()
     assert not chosen[:, 0].any() and not chosen[:, 9:].any()
     assert (labels[chosen] == ids[chosen]).all()
+
+
+def test_vqa_losses_follow_vilt():
+    torch.manual_seed(0)
+    logits, scores = torch.randn(4, 6), torch.rand(4, 6)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores, reduction="sum") / 4
+    torch.testing.assert_close(losses.vqa_ground_truth(logits, scores), expected)
+    teacher = torch.randn(4, 6)
+    at_teacher = losses.vqa_soft_labels(teacher, teacher)
+    assert at_teacher < losses.vqa_soft_labels(teacher + torch.randn(4, 6), teacher)

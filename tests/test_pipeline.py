@@ -68,7 +68,7 @@ def repo(tmp_path_factory):
 def test_every_stage_ran_and_wrote_its_contract_files(repo):
     path, _, first = repo
     assert _stages_run(first.stdout) == {
-        "prepare@pretrain", "prepare@nlvr2", "tokenizer", "teacher_pretrain", "teacher_finetune@nlvr2",
+        "prepare@pretrain", "prepare@nlvr2", "prepare@snli_ve", "prepare@vqa", "prepare@retrieval", "tokenizer", "teacher_pretrain", "teacher_finetune@nlvr2",
         *DISTILL_DOWNSTREAM}
     for model in ("teacher", "dual_gt", "dide"):
         scores = json.loads((path / f"metrics/eval/nlvr2/{model}.json").read_text())
@@ -78,6 +78,9 @@ def test_every_stage_ran_and_wrote_its_contract_files(repo):
     row = latency["embedded"]["nlvr2"]["1"]
     assert row["teacher_ms"] > 0 and row["dual_cached_ms"] > 0
     assert row["speedup_cached"] == pytest.approx(row["teacher_ms"] / row["dual_cached_ms"], rel=0.01)
+    for task in ("pretrain", "nlvr2", "snli_ve", "vqa", "retrieval"):
+        assert (path / f"reports/data/{task}_examples.png").stat().st_size > 10_000
+        assert json.loads((path / f"metrics/data/{task}.json").read_text())["splits"]["test"]["examples"] > 0
     for curve in ("teacher_pretrain/pretrain.csv", "teacher_finetune/nlvr2.csv", "distill_finetune/nlvr2/dide.csv"):
         header = (path / "plots/train" / curve).read_text().splitlines()[0].split(",")
         assert {"step", "lr", "loss"} <= set(header)
@@ -106,7 +109,7 @@ def test_mlflow_has_one_run_per_stage_execution(repo):
         stages = [r[0] for r in db.execute("select value from tags where key = 'stage'")]
         params = db.execute("select count(*) from params").fetchone()[0]
         metrics = db.execute("select count(*) from metrics").fetchone()[0]
-    assert sorted(stages) == sorted(["prepare", "prepare", "tokenizer", "teacher_pretrain", "teacher_finetune",
+    assert sorted(stages) == sorted(["prepare"] * 5 + ["tokenizer", "teacher_pretrain", "teacher_finetune",
                                      "distill_pretrain", "distill_finetune", "distill_finetune", "evaluate",
                                      "benchmark", "report"])
     assert params > 50 and metrics > 20
@@ -134,3 +137,16 @@ def test_bad_knob_fails_fast_with_one_line(repo):
     ours = [l for l in (bad.stdout + bad.stderr).splitlines() if l.startswith("error: ")]
     assert len(ours) == 1 and "distill.layers" in ours[0] and "'last' or 'layerwise'" in ours[0], bad.stderr
     assert elapsed < 60
+
+
+def test_fusion_student_with_distillvlm_losses_trains_through_the_stage(repo):
+    """Run last: it overwrites the dide student of the tiny repo with a small fusion student (DistillVLM losses)."""
+    path, env, _ = repo
+    out = _run(["python", "stages/distill_finetune.py", "--task", "nlvr2", "--variant", "dide",
+                "-S", "student.kind=fusion", "-S", "student.num_layers=1",
+                "-S", "distill.knowledge=[gt, soft, hidden, attn_mse, token_nce]", "-S", "distill.layers=layerwise"],
+               path, env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((path / "metrics/train/distill_finetune/nlvr2/dide.json").read_text())
+    assert summary["knowledge"] == "gt+soft+hidden+attn_mse+token_nce" and 0 <= summary["dev_accuracy"] <= 1
+    assert (path / "models/distill_finetune/nlvr2/dide/heads.json").is_file()

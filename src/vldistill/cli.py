@@ -9,7 +9,8 @@ import sys
 from vldistill.config import Params, load_or_exit
 
 
-def stage_args(description: str, task: bool = False, variant: bool = False) -> tuple[argparse.Namespace, Params]:
+def stage_args(description: str, task: bool = False, variant: bool = False,
+               any_data_task: bool = False) -> tuple[argparse.Namespace, Params]:
     """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` and ``-S key=value`` overrides;
     validate the params before any work starts (exit status 2 with one line on error)."""
     parser = argparse.ArgumentParser(description=description)
@@ -22,7 +23,11 @@ def stage_args(description: str, task: bool = False, variant: bool = False) -> t
         parser.add_argument("--variant", required=True)
     args = parser.parse_args()
     params = load_or_exit(args.params, args.set)
-    if task and args.task not in ("pretrain", *params.tasks):
+    if any_data_task:  # prepare: every task with a data section, enabled or not
+        allowed = [name for name in type(params.data).model_fields if name != "scene" and getattr(params.data, name)]
+        if args.task not in allowed:
+            parser.exit(2, f"error: --task {args.task!r}: no data.{args.task} section (have: {allowed})\n")
+    elif task and args.task not in ("pretrain", *params.tasks):
         parser.exit(2, f"error: --task {args.task!r}: not an enabled task (tasks: {list(params.tasks)})\n")
     if variant and args.variant not in params.variants:
         parser.exit(2, f"error: --variant {args.variant!r}: not in variants (defined: {sorted(params.variants)})\n")

@@ -8,6 +8,7 @@ itself: stages pass the validated :class:`Params` (or a sub-object) in.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -20,8 +21,8 @@ TASKS = ("nlvr2",)
 """Downstream tasks this version can run end to end (the design also names snli_ve, vqa, retrieval)."""
 KNOWLEDGE = ("gt", "soft", "hidden", "attn_all", "attn_cross", "attn_uni", "attn_mse", "token_nce")
 """Every name ``distill.knowledge`` may hold."""
-IMPLEMENTED_KNOWLEDGE = ("gt", "soft", "attn_cross")
-"""The subset the dual-encoder student can be trained with in this version."""
+IMPLEMENTED_KNOWLEDGE = KNOWLEDGE
+"""The subset the students can be trained with in this version (all of them)."""
 
 
 class ConfigError(ValueError):
@@ -47,9 +48,9 @@ class SceneParams(Strict):
     @model_validator(mode="after")
     def _objects_fit(self):
         if self.min_objects > self.max_objects:
-            raise ValueError(f"min_objects={self.min_objects} must be <= max_objects={self.max_objects}")
+            raise ValueError(f"min_objects={self.min_objects}: must be <= max_objects={self.max_objects}")
         if self.max_objects > self.grid * self.grid:
-            raise ValueError(f"max_objects={self.max_objects} must be <= grid*grid={self.grid * self.grid}")
+            raise ValueError(f"max_objects={self.max_objects}: must be <= grid*grid={self.grid * self.grid}")
         return self
 
 
@@ -59,12 +60,32 @@ class SplitSizes(Strict):
     test: int = Field(ge=1)
 
 
-class PretrainData(Strict):
+class OfficialSource(Strict):
+    """Where an official release lives: ``root`` laid out as the release unpacks; when ``root`` is missing and
+    ``url`` is set, prepare downloads it (resumable, checked against ``sha256``). Images are fitted into
+    ``image_size = [H, W]`` (aspect kept, padded) once, at prepare time."""
+
+    root: str | None = None
+    url: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    image_size: list[int] = [384, 640]
+
+    @model_validator(mode="after")
+    def _official_needs_root(self):
+        if getattr(self, "source", None) == "official" and not self.root:
+            raise ValueError("root=null: source 'official' needs root, the directory the official release unpacks into")
+        if len(self.image_size) != 2 or min(self.image_size) < 16:
+            raise ValueError(f"image_size={self.image_size}: must be [height, width], each >= 16")
+        return self
+
+
+class PretrainData(OfficialSource):
     """Image–caption corpus for pre-training (``shapes``: generated scenes with several true captions each)."""
 
-    source: Literal["shapes"] = "shapes"
-    root: str | None = None
+    source: Literal["shapes", "official"] = "shapes"
     images: SplitSizes = SplitSizes(train=4000, dev=200, test=200)
+    vg_root: str | None = Field(None, description="official: Visual Genome root whose region descriptions join train")
+    vg_regions_per_image: int = Field(5, ge=1)
     captions_per_image: int = Field(3, ge=1, le=10)
 
 
@@ -72,11 +93,10 @@ NLVR2_TEMPLATES = ("contains", "both", "more", "at_least", "relation")
 NLVR2_OPTIONAL_TEMPLATES = ("neither", "exactly_one", "fewer", "exactly")
 
 
-class Nlvr2Data(Strict):
+class Nlvr2Data(OfficialSource):
     """Pairs of scenes with a statement about the pair; label True/False, balanced per template."""
 
-    source: Literal["shapes"] = "shapes"
-    root: str | None = None
+    source: Literal["shapes", "official"] = "shapes"
     pairs: SplitSizes = SplitSizes(train=20000, dev=1000, test=2000)
     templates: list[Literal[NLVR2_TEMPLATES + NLVR2_OPTIONAL_TEMPLATES]] = list(NLVR2_TEMPLATES)
 
@@ -88,14 +108,54 @@ class Nlvr2Data(Strict):
         return templates
 
 
+class SnliVeData(OfficialSource):
+    """One (partly occluded) scene + a hypothesis; entailment / neutral / contradiction by determinability."""
+
+    source: Literal["shapes", "official"] = "shapes"
+    pairs: SplitSizes = SplitSizes(train=20000, dev=1000, test=2000)
+    templates: list[Literal["exists", "at_least", "at_most", "relation"]] = ["exists", "at_least", "at_most", "relation"]
+    max_occluders: int = Field(2, ge=1, le=3, description="grey cells hiding whatever lies below (labels enumerate them)")
+
+    @field_validator("templates")
+    @classmethod
+    def _some_templates(cls, templates):
+        if not templates:
+            raise ValueError("must name at least one template")
+        return templates
+
+
+class VqaData(OfficialSource):
+    """Questions about one image with soft-scored answers (``easy_vqa``: the data set shipped by the PyPI package)."""
+
+    source: Literal["easy_vqa", "official"] = "easy_vqa"
+    min_answer_freq: int = Field(1, ge=1, description="answers seen fewer times in train are dropped (paper: 9)")
+    holdout_images: int = Field(400, ge=1, description="the last N training images form dev (paper: 1000)")
+    easy_vqa_size: int = Field(48, ge=16, description="easy_vqa: images are resized to this square size")
+
+
+class RetrievalData(OfficialSource):
+    """Images with several captions each, Karpathy-style splits (image-level)."""
+
+    source: Literal["shapes", "official"] = "shapes"
+    images: SplitSizes = SplitSizes(train=3000, dev=100, test=100)
+    captions_per_image: int = Field(5, ge=1, le=10)
+
+
 class DataParams(Strict):
     scene: SceneParams = SceneParams()
     pretrain: PretrainData = PretrainData()
     nlvr2: Nlvr2Data | None = Nlvr2Data()
+    snli_ve: SnliVeData | None = SnliVeData()
+    vqa: VqaData | None = VqaData()
+    retrieval: RetrievalData | None = RetrievalData()
 
 
 class TokenizerParams(Strict):
+    """``pretrained: null`` trains a WordPiece tokenizer on the enabled tasks' training texts (embedded); a hub id
+    (``bert-base-uncased``, as ViLT) or a local directory loads that tokenizer instead (paper scale)."""
+
     vocab_size: int = Field(1000, ge=50, le=100_000, description="upper bound for the trained WordPiece vocabulary")
+    pretrained: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -117,13 +177,26 @@ class TeacherParams(Strict):
     @model_validator(mode="after")
     def _heads_divide(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
+            raise ValueError(f"hidden_size={self.hidden_size}: must be a multiple of num_heads={self.num_heads}")
         return self
 
 
 class StudentParams(Strict):
-    kind: Literal["dual"] = "dual"
-    fusion_hidden: int = Field(256, ge=8, description="width of the fusion MLP over [text_cls; image_cls]")
+    """``dual``: the DiDE dual encoder (towers = copies of the teacher); ``fusion``: a smaller ViLT (DistillVLM)."""
+
+    kind: Literal["dual", "fusion"] = "dual"
+    fusion_hidden: int = Field(256, ge=8, description="dual: width of the fusion MLP over [text_cls; image_cls]")
+    num_layers: int | None = Field(None, ge=1, description="fusion: depth (default: half the teacher's, at least 1)")
+    hidden_size: int | None = Field(None, ge=8, description="fusion: width (default: the teacher's)")
+    num_heads: int | None = Field(None, ge=1, description="fusion: attention heads (default: the teacher's)")
+    init: Literal["teacher", "scratch"] = Field(
+        "teacher", description="fusion: copy the teacher's embeddings and a uniform subset of its layers (same width "
+                               "only), or start from random weights")
+
+
+class NceParams(Strict):
+    queue_size: int = Field(4096, ge=1, description="token_nce: FIFO queue of past teacher token states")
+    temperature: float = Field(0.07, gt=0)
 
 
 class DistillWeights(Strict):
@@ -147,7 +220,7 @@ def _check_knowledge(knowledge: list[str] | None) -> list[str] | None:
         raise ValueError(f"must name at least one of {list(KNOWLEDGE)}")
     missing = [k for k in knowledge if k not in IMPLEMENTED_KNOWLEDGE]
     if missing:
-        raise ValueError(f"{missing} not implemented yet for student.kind=dual; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
+        raise ValueError(f"{missing} not implemented yet; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
     if len(set(knowledge)) != len(knowledge):
         raise ValueError("names a term twice")
     return knowledge
@@ -167,6 +240,7 @@ class DistillParams(Strict):
     stages: list[Literal["pretrain", "finetune"]] = ["pretrain", "finetune"]
     temperature: float = Field(1.0, gt=0)
     weights: DistillWeights = DistillWeights()
+    nce: NceParams = NceParams()
     cache_teacher: bool = Field(True, description="precompute the frozen teacher's targets once per stage")
 
     _knowledge = field_validator("knowledge")(classmethod(lambda cls, v: _check_knowledge(v)))
@@ -203,7 +277,7 @@ class FabricParams(Strict):
     @model_validator(mode="after")
     def _precision_fits(self):
         if self.accelerator == "cpu" and self.precision == "16-mixed":
-            raise ValueError("precision '16-mixed' needs a GPU; use '32-true' or 'bf16-mixed' on cpu")
+            raise ValueError("precision=16-mixed: needs a GPU; use '32-true' or 'bf16-mixed' on cpu")
         return self
 
 
@@ -223,7 +297,7 @@ class StageBudget(Strict):
     @model_validator(mode="after")
     def _accumulation_divides(self):
         if self.effective_batch is not None and self.effective_batch % self.batch_size:
-            raise ValueError(f"effective_batch={self.effective_batch} must be a multiple of batch_size={self.batch_size}")
+            raise ValueError(f"effective_batch={self.effective_batch}: must be a multiple of batch_size={self.batch_size}")
         return self
 
 
@@ -246,7 +320,7 @@ class BenchParams(Strict):
     @model_validator(mode="after")
     def _valid(self):
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes={self.batch_sizes} must be a non-empty list of positive ints")
+            raise ValueError(f"batch_sizes={self.batch_sizes}: must be a non-empty list of positive ints")
         if self.min_repeats > self.max_repeats:
             raise ValueError("min_repeats must be <= max_repeats")
         return self
@@ -318,6 +392,9 @@ def _one_line(err: ValidationError, source: str) -> str:
     if first["type"] == "missing":
         return f"{source}: {key} is required"
     message = first["msg"].removeprefix("Value error, ")
+    named = re.match(r"^(\w+)=(.+?): (.*)$", message)  # a section-level check that names its field
+    if named and first["type"] == "value_error":
+        return f"{source}: {key}.{named.group(1)}={named.group(2)}: {named.group(3)}"
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
     if len(shown) > 120:
         shown = shown[:117] + "..."

@@ -38,4 +38,9 @@ def data_metrics(task: str) -> Path:
     return Path("metrics/data", f"{task}.json")
 
 
+def data_examples(task: str) -> Path:
+    """``reports/data/<task>_examples.png``: a few prepared examples drawn with their text and label."""
+    return Path("reports/data", f"{task}_examples.png")
+
+
 LATENCY = Path("metrics/bench/latency.json")

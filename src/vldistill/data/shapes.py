@@ -6,6 +6,7 @@ of 3×3 cells of 16 px, an image is 48×48 and one cell is exactly one ViLT patc
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -246,3 +247,113 @@ def nlvr2_example(
             right = random_scene(rng, grid, min_objects, max_objects)
             if statement.truth(left, right) == label:
                 return statement, left, right, label
+
+
+# -------------------------------------------------------------------------------- SNLI-VE: determinability
+OCCLUDER = (128, 128, 128)
+SNLI_LABELS = ("entailment", "neutral", "contradiction")
+SNLI_TEMPLATES = ("exists", "at_least", "at_most", "relation")
+
+
+def render_occluded(scene: Scene, covered: list[int], grid: int, cell: int, jitter: float, rng: random.Random) -> np.ndarray:
+    """Render a scene, then paint a grey occluder over each covered cell (whatever is below is hidden)."""
+    image = render(scene, grid, cell, jitter, rng).copy()
+    for c in covered:
+        row, col = divmod(c, grid)
+        image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = OCCLUDER
+    return image
+
+
+def completions(visible: Scene, covered: list[int], grid: int):
+    """Every scene the viewer cannot rule out: each covered cell empty or holding any (shape, colour)."""
+    options = [None] + [(s, c) for s in SHAPES for c in COLOURS]
+    for fill in itertools.product(options, repeat=len(covered)):
+        extra = [Obj(o[0], o[1], cell // grid, cell % grid) for o, cell in zip(fill, covered) if o is not None]
+        yield visible + extra
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    template: str
+    text: str
+    args: tuple
+
+    def truth(self, scene: Scene) -> bool:
+        return HYPOTHESIS_TRUTH[self.template](scene, *self.args)
+
+
+def _relation_holds(scene, a, word, b):
+    return any(word in relation(x, y) for x in scene if a.matches(x) for y in scene if b.matches(y) and y != x)
+
+
+HYPOTHESIS_TRUTH = {
+    "exists": lambda scene, attr: count(scene, attr) > 0,
+    "at_least": lambda scene, n, attr: count(scene, attr) >= n,
+    "at_most": lambda scene, n, attr: count(scene, attr) <= n,
+    "relation": _relation_holds,
+}
+
+
+def random_hypothesis(template: str, rng: random.Random, max_objects: int) -> Hypothesis:
+    """Draw the words of one hypothesis about a single (partly occluded) image."""
+    if template == "exists":
+        attr = random_attr(rng, allow_any=False)
+        return Hypothesis(template, f"there is {attr.singular()}", (attr,))
+    if template in ("at_least", "at_most"):
+        attr = random_attr(rng)
+        n = rng.randint(1, max(2, max_objects // 2 + 1))
+        words = "at least" if template == "at_least" else "at most"
+        return Hypothesis(template, f"there are {words} {NUMBER_WORDS[n]} {attr.plural()}", (n, attr))
+    if template == "relation":
+        a, b = random_attr(rng, allow_any=False), random_attr(rng, allow_any=False)
+        word = rng.choice(["above", "below", "left of", "right of"])
+        return Hypothesis(template, f"{a.singular()} is {word} {b.singular()}", (a, word, b))
+    raise ValueError(f"unknown snli_ve template {template!r}")
+
+
+def entailment_label(hypothesis: Hypothesis, visible: Scene, covered: list[int], grid: int) -> str:
+    """``entailment`` if the hypothesis holds in EVERY completion of the covered cells, ``contradiction`` if in
+    none, ``neutral`` otherwise (exact enumeration: 13 possibilities per covered cell)."""
+    if hypothesis.template in ("exists", "at_least", "at_most"):  # counts: every value in [c, c + k] is possible
+        match = Obj(hypothesis.args[-1].shape or SHAPES[0], hypothesis.args[-1].colour or "red", -1, -1)
+        truths = {hypothesis.truth(visible + [match] * extra) for extra in range(len(covered) + 1)}
+    else:
+        truths = {hypothesis.truth(scene) for scene in completions(visible, covered, grid)}
+    if truths == {True}:
+        return "entailment"
+    if truths == {False}:
+        return "contradiction"
+    return "neutral"
+
+
+def snli_ve_example(rng: random.Random, templates: list[str], grid: int, min_objects: int, max_objects: int,
+                    max_occluders: int, max_tries: int = 400):
+    """One balanced example: template and target label first, then the hypothesis, then scenes (objects + occluded
+    cells) re-sampled until the determinability label matches. Returns ``(hypothesis, scene, covered, label)``;
+    ``scene`` holds every object, including those hidden under an occluder."""
+    template = rng.choice(templates)
+    label = rng.choice(SNLI_LABELS)
+    while True:
+        hypothesis = random_hypothesis(template, rng, max_objects)
+        for _ in range(max_tries):
+            scene = random_scene(rng, grid, min_objects, max_objects)
+            k = rng.randint(0, max_occluders)  # independent of the label: occluder count is no shortcut
+            covered = sorted(rng.sample(range(grid * grid), k))
+            visible = [o for o in scene if o.row * grid + o.col not in covered]
+            if entailment_label(hypothesis, visible, covered, grid) == label:
+                return hypothesis, scene, covered, label
+
+
+# --------------------------------------------------------------------------------------- retrieval captions
+def distinct_captions(scene: Scene, grid: int, n: int, rng: random.Random, max_draws: int = 200) -> list[str]:
+    """``n`` different true captions of a scene (fewer only if the scene admits fewer), the full object list first
+    so that every image has at least one caption that tells it apart from most others."""
+    names = [f"{o.colour} {o.shape}" for o in sorted(scene, key=lambda o: (o.row, o.col))]
+    captions = ["a " + " and a ".join(names)]
+    for _ in range(max_draws):
+        if len(captions) == n:
+            break
+        text = caption(scene, grid, rng)
+        if text not in captions:
+            captions.append(text)
+    return captions

@@ -33,6 +33,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> P
     )
 
 
+def from_pretrained(source: str, max_length: int) -> PreTrainedTokenizerFast:
+    """A pretrained tokenizer (hub id such as ``bert-base-uncased``, or a local directory), truncating at
+    ``max_length`` (ViLT: 40)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
 def save(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
 

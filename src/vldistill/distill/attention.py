@@ -77,3 +77,36 @@ def split_joint(qk: dict[str, torch.Tensor], text_len: int) -> tuple[torch.Tenso
     """Split a fusion encoder's joint Q/K ``(B,H,T+I,D)`` at the text length: ``(q_text, k_text, q_image, k_image)``."""
     q, k = qk["q"], qk["k"]
     return q[:, :, :text_len], k[:, :, :text_len], q[:, :, text_len:], k[:, :, text_len:]
+
+
+@contextmanager
+def capture_hidden(layers: list[nn.Module], indices: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the output hidden states ``(B, N, D)`` of the chosen ViLT layers while the block runs."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook(layer: int):
+        def fn(_module, _inputs, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+        return fn
+
+    try:
+        for i in indices:
+            handles.append(layers[i].register_forward_hook(hook(i)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_pairs(student_layers: int, teacher_layers: int, mode: str) -> list[tuple[int, int]]:
+    """Which student layer learns from which teacher layer.
+
+    ``last``: the last layer of each; ``layerwise``: uniform mapping, student layer ``i`` ↔ teacher layer
+    ``round((i + 1) · L_t / L_s) − 1`` (identity when the depths are equal).
+    """
+    if mode == "last":
+        return [(student_layers - 1, teacher_layers - 1)]
+    if mode == "layerwise":
+        return [(i, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
+    raise ValueError(f"distill.layers={mode!r}: expected 'last' or 'layerwise'")

@@ -10,7 +10,7 @@ from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
 from vldistill.evaluate.metrics import nlvr2_accuracy
 from vldistill.io import write_json
-from vldistill.models.dual import DualEncoder
+from vldistill.models.fusion import load_student
 from vldistill.models.teacher import ViltTeacher
 
 SPLITS = ("dev", "test")
@@ -34,7 +34,7 @@ def evaluate_task(params: Params, task: str) -> dict[str, dict]:
               for s in SPLITS}
     results = {}
     for name, path in models_for(task, params).items():
-        model = ViltTeacher.load(path) if name == "teacher" else DualEncoder.load(path)
+        model = ViltTeacher.load(path) if name == "teacher" else load_student(path)
         model.eval()
         results[name] = {split: {"accuracy": round(nlvr2_accuracy(model, data), 6)} for split, data in splits.items()}
         write_json(paths.eval_metrics(task, name), results[name])

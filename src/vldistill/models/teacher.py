@@ -20,7 +20,18 @@ from transformers.models.vilt.modeling_vilt import ViltMLMHead
 from vldistill.config import TeacherParams
 from vldistill.io import atomic_path, write_json
 
-HEADS = ("mlm", "itm", "nlvr2")
+HEADS = ("mlm", "itm", "nlvr2", "vqa", "snli_ve", "retrieval")
+CLASSIFIER_HEADS = ("nlvr2", "vqa", "snli_ve")
+"""Task heads stored under transformers' attribute ``classifier``: a teacher carries at most one of them."""
+HEAD_ATTRS = {"mlm": "mlm_score", "itm": "itm_score", "nlvr2": "classifier", "vqa": "classifier",
+              "snli_ve": "classifier", "retrieval": "rank_output"}
+HF_ARCHITECTURES = {
+    "ViltForMaskedLM": ("mlm",),
+    "ViltForQuestionAnswering": ("vqa",),
+    "ViltForImagesAndTextClassification": ("nlvr2",),
+    "ViltForImageAndTextRetrieval": ("retrieval",),
+}
+"""transformers' ViLT classes and the teacher heads their checkpoints hold (same attribute names, same shapes)."""
 
 
 def vilt_config(params: TeacherParams, image_size: int, vocab_size: int) -> ViltConfig:
@@ -55,28 +66,41 @@ def patch_tokens(embeddings, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class ViltTeacher(nn.Module):
-    """ViLT (``self.vilt``) with the heads named in ``heads``:
+    """ViLT (``self.vilt``) with the heads named in ``heads`` (attribute names and shapes as transformers):
 
-    - ``mlm``: ``mlm_score`` over the text positions ``(B, T, V)`` (transformers' ViltMLMHead);
+    - ``mlm``: ``mlm_score`` over the text positions ``(B, T, V)`` (ViltMLMHead, decoder tied to the word embeddings);
     - ``itm``: ``itm_score`` on the pooled [CLS] ``(B, 2)`` (ViLT's image–text matching);
-    - ``nlvr2``: ``classifier`` on the two pooled outputs concatenated ``(B, 2)`` (as ViltForImagesAndTextClassification).
+    - ``nlvr2``: ``classifier`` on the two pooled outputs concatenated ``(B, 2D)`` → ``(B, 2)``
+      (ViltForImagesAndTextClassification);
+    - ``vqa``: ``classifier`` ``(B, D)`` → ``(B, num_labels)`` answer logits (ViltForQuestionAnswering);
+    - ``snli_ve``: ``classifier`` ``(B, D)`` → ``(B, 3)`` (ViLT's SNLI-VE head: the VQA layout with 3 outputs);
+    - ``retrieval``: ``rank_output`` ``(B, D)`` → ``(B, 1)`` image–text score (ViltForImageAndTextRetrieval).
     """
 
-    def __init__(self, config: ViltConfig, heads: tuple[str, ...] = HEADS):
+    def __init__(self, config: ViltConfig, heads: tuple[str, ...] = ("mlm", "itm", "nlvr2")):
         super().__init__()
         unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown teacher heads {sorted(unknown)}; allowed: {list(HEADS)}")
+        task_heads = [h for h in heads if h in CLASSIFIER_HEADS]
+        if len(task_heads) > 1:
+            raise ValueError(f"heads {task_heads} all live in `classifier`; a teacher carries at most one of them")
         self.config = config
         self.heads = tuple(heads)
         self.vilt = ViltModel(config)
         d = config.hidden_size
         if "mlm" in heads:
             self.mlm_score = ViltMLMHead(config)
+            self.mlm_score.decoder.weight = self.vilt.embeddings.text_embeddings.word_embeddings.weight
         if "itm" in heads:
             self.itm_score = nn.Linear(d, 2)
         if "nlvr2" in heads:
             self.classifier = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, 2))
+        if "vqa" in heads or "snli_ve" in heads:
+            outputs = config.num_labels if "vqa" in heads else 3
+            self.classifier = nn.Sequential(nn.Linear(d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, outputs))
+        if "retrieval" in heads:
+            self.rank_output = nn.Linear(d, 1)
 
     def encode(self, input_ids, attention_mask, pixel_values, image_token_type_idx: int = 1):
         """One joint pass. Returns ``(sequence (B, T+I, D), pooled (B, D))``; text occupies the first T positions."""
@@ -100,20 +124,32 @@ class ViltTeacher(nn.Module):
         """``(B, D)`` → ``(B, 2)``: [not matched, matched]."""
         return self.itm_score(pooled)
 
+    def classify(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+        """One joint pass → ``classifier(pooled)``: VQA answer logits ``(B, A)`` or SNLI-VE logits ``(B, 3)``."""
+        _, pooled = self.encode(input_ids, attention_mask, pixel_values)
+        return self.classifier(pooled)
+
+    def rank_score(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+        """Image–text retrieval score ``(B, 1)`` from the pooled [CLS]."""
+        _, pooled = self.encode(input_ids, attention_mask, pixel_values)
+        return self.rank_output(pooled)
+
     # ------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
-        """``config.json`` (ViltConfig), ``model.safetensors``, ``heads.json``; each written atomically."""
+        """``config.json`` (ViltConfig), ``model.safetensors`` (tied weights stored once), ``heads.json``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(path))
         write_json(path / "heads.json", {"heads": list(self.heads)})
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if k != "mlm_score.decoder.weight"}  # tied to the word embeddings: stored once
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(state, str(tmp))
 
     @classmethod
     def load(cls, path: str | Path, heads: tuple[str, ...] | None = None) -> "ViltTeacher":
-        """Load a saved teacher; ``heads`` selects a subset of the saved heads (new heads start random)."""
+        """Load a teacher saved by :meth:`save`; ``heads`` selects heads (saved ones keep their weights, heads the
+        checkpoint lacks start random). A checkpoint that does not fit raises naming the keys."""
         path = Path(path)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path}: no teacher checkpoint (model.safetensors) found")
@@ -121,13 +157,39 @@ class ViltTeacher(nn.Module):
         saved = tuple(json.loads((path / "heads.json").read_text())["heads"])
         model = cls(config, heads or saved)
         state = load_file(str(path / "model.safetensors"))
-        state = {k: v for k, v in state.items() if k.split(".")[0] in _head_attrs(model.heads) | {"vilt"}}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k.split(".")[0] not in _head_attrs(set(model.heads) - set(saved))]
+        return model._load_checked(state, saved, str(path))
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, heads: tuple[str, ...] | None = None) -> "ViltTeacher":
+        """A transformers ViLT checkpoint (hub id such as ``dandelin/vilt-b32-finetuned-vqa``, or a local
+        ``save_pretrained`` directory) as a teacher. The checkpoint's class (``config.architectures``) says which
+        heads it holds; their weights must map onto the teacher with no missing and no unexpected keys."""
+        import transformers
+
+        config = ViltConfig.from_pretrained(str(source))
+        arch = (config.architectures or ["ViltModel"])[0]
+        if arch not in HF_ARCHITECTURES:
+            raise ValueError(f"{source}: architecture {arch!r} is not a ViLT class the teacher maps "
+                             f"(known: {sorted(HF_ARCHITECTURES)})")
+        hf_model, info = getattr(transformers, arch).from_pretrained(str(source), output_loading_info=True)
+        problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise RuntimeError(f"{source}: checkpoint does not fit {arch}: {problems}")
+        saved = HF_ARCHITECTURES[arch]
+        model = cls(hf_model.config, heads or saved)
+        return model._load_checked(hf_model.state_dict(), saved, str(source))
+
+    def _load_checked(self, state: dict[str, torch.Tensor], saved_heads: tuple[str, ...], source: str) -> "ViltTeacher":
+        """Load ``state`` keeping only ``vilt`` and the kept heads; fail on any key that does not fit."""
+        keep = {"vilt"} | {HEAD_ATTRS[h] for h in self.heads if h in saved_heads}
+        state = {k: v for k, v in state.items() if k.split(".")[0] in keep}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        new = {HEAD_ATTRS[h] for h in self.heads if h not in saved_heads}
+        tied = {"mlm_score.decoder.weight"}
+        missing = [k for k in missing if k.split(".")[0] not in new and k not in tied]
         if missing or unexpected:
-            raise RuntimeError(f"{path}: checkpoint does not fit the teacher: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model
-
-
-def _head_attrs(heads) -> set[str]:
-    return {{"mlm": "mlm_score", "itm": "itm_score", "nlvr2": "classifier"}[h] for h in heads}
+            raise RuntimeError(f"{source}: checkpoint does not fit the teacher: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        if "mlm" in self.heads:  # re-tie after loading (load_state_dict copies into the shared tensor)
+            self.mlm_score.decoder.weight = self.vilt.embeddings.text_embeddings.word_embeddings.weight
+        return self

@@ -14,18 +14,26 @@ from torch import nn
 
 from vldistill.config import DistillParams
 from vldistill.distill import losses
-from vldistill.distill.attention import capture_qk, cross_modal_attention, split_joint
+from vldistill.distill.attention import capture_hidden, capture_qk, cross_modal_attention, layer_pairs, split_joint
+from vldistill.distill.knowledge import (ATTENTION_TERMS, STATE_TERMS, KnowledgeModules, LayerView, dual_views,
+                                         fusion_views, knowledge_terms)
 from vldistill.models.dual import DualEncoder
 from vldistill.models.teacher import ViltTeacher
 
 
 class Objective(nn.Module):
-    """``forward(batch)`` = ``loss_fn(self.model, batch)``; ``self.model`` is what gets trained and saved."""
+    """``forward(batch)`` = ``loss_fn(self.model, batch)``; ``self.model`` is what gets trained and saved.
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]]):
+    ``extras`` holds trainable parts of the loss that are not the model (projections, NCE queues): they are
+    optimised with it but not saved with it.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]],
+                 extras: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.extras = extras
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.loss_fn(self.model, batch)
@@ -96,84 +104,86 @@ def nlvr2_gt_loss(model, batch: dict) -> dict[str, torch.Tensor]:
 
 
 # -------------------------------------------------------------------------------------------- distillation
-def distill_layers(recipe: DistillParams, num_layers: int) -> list[int]:
-    """``last`` → the last layer; ``layerwise`` → every layer (teacher and student have the same depth)."""
-    return [num_layers - 1] if recipe.layers == "last" else list(range(num_layers))
+def distill_pairs(recipe: DistillParams, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """``(student layer, teacher layer)`` pairs for ``distill.layers`` (see :func:`layer_pairs`)."""
+    return layer_pairs(student_layers, teacher_layers, recipe.layers)
+
+
+def needs_views(knowledge) -> bool:
+    return bool(set(knowledge) & {*ATTENTION_TERMS, *STATE_TERMS})
+
+
+def fusion_nlvr2_outputs(model: ViltTeacher, batch: dict, layers: list[int], views: bool, states: bool = True) -> dict:
+    """NLVR2 through a fusion encoder (the teacher, or a small fusion student): two joint passes (image types 1, 2),
+    pooled outputs concatenated → ``logits (B,2)``; when ``views``, one ``{layer: LayerView}`` per image pass (Q/K
+    and hidden states of the joint sequence, split at the text length)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    heads, text_len = model.config.num_attention_heads, ids.shape[1]
+    pooled, all_views = [], []
+    for side, type_idx in (("pixel_values_left", 1), ("pixel_values_right", 2)):
+        (_, p), v = fusion_views(model.vilt.encoder.layer,
+                                 lambda side=side, t=type_idx: model.encode(ids, mask, batch[side], image_token_type_idx=t),
+                                 layers if views else [], heads, text_len, want_states=states)
+        pooled.append(p)
+        all_views.append(v)
+    return {"logits": model.classifier(torch.cat(pooled, dim=-1)), "views": all_views}
 
 
 @torch.no_grad()
-def teacher_nlvr2_targets(teacher: ViltTeacher, batch: dict, layers: list[int], attention: bool) -> dict:
-    """The frozen teacher's NLVR2 knowledge for a batch: ``logits (B,2)`` and, when ``attention``, for each layer and
-    each image pass, ``(t2i (B,H,T,I), i2t (B,H,I,T))`` recomputed from its Q/K split at the text length."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    heads, text_len = teacher.config.num_attention_heads, ids.shape[1]
-    pooled, attn = [], {layer: [] for layer in layers}
-    for side, type_idx in (("pixel_values_left", 1), ("pixel_values_right", 2)):
-        with capture_qk(teacher.vilt.encoder.layer, layers if attention else [], heads) as qk:
-            _, p = teacher.encode(ids, mask, batch[side], image_token_type_idx=type_idx)
-        pooled.append(p)
-        if attention:
-            image_mask = torch.ones(ids.shape[0], qk[layers[0]]["q"].shape[2] - text_len, dtype=torch.bool,
-                                    device=ids.device)
-            for layer in layers:
-                q_t, k_t, q_i, k_i = split_joint(qk[layer], text_len)
-                attn[layer].append(cross_modal_attention(q_t, k_t, q_i, k_i, mask.bool(), image_mask))
-    logits = teacher.classifier(torch.cat(pooled, dim=-1))
-    return {"logits": logits, "attn": attn if attention else {}}
+def teacher_nlvr2_targets(teacher: ViltTeacher, batch: dict, layers: list[int], views: bool,
+                          states: bool = True) -> dict:
+    """The frozen teacher's NLVR2 knowledge for a batch (no gradients): see :func:`fusion_nlvr2_outputs`."""
+    return fusion_nlvr2_outputs(teacher, batch, layers, views, states)
 
 
-def student_nlvr2_outputs(student: DualEncoder, batch: dict, layers: list[int], attention: bool) -> dict:
-    """The dual encoder's NLVR2 logits ``(B,2)`` and, when ``attention``, its cross-modal distributions per layer and
-    image: text-tower Q/K against image-tower Q/K (what DiDE aligns with the teacher's cross-modal attention)."""
+def student_nlvr2_outputs(student, batch: dict, layers: list[int], views: bool) -> dict:
+    """A student's NLVR2 logits ``(B,2)`` and, when ``views``, its ``{layer: LayerView}`` per image pass.
+
+    Dual encoder: text tower once, image tower per image; its view joins the text tower's and the image tower's
+    Q/K and states (what DiDE aligns with the teacher). Fusion student: two joint passes, as the teacher.
+    """
+    if isinstance(student, ViltTeacher):  # small fusion student
+        return fusion_nlvr2_outputs(student, batch, layers, views)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     heads = student.config.num_attention_heads
-    wanted = layers if attention else []
-    with capture_qk(student.text.layer, wanted, heads) as text_qk:
+    wanted = layers if views else []
+    with capture_qk(student.text.layer, wanted, heads) as text_qk, capture_hidden(student.text.layer, wanted) as text_h:
         text = student.encode_text(ids, mask)
-    images, attn = [], {layer: [] for layer in layers}
+    images, all_views = [], []
     for side, type_idx in (("pixel_values_left", 1), ("pixel_values_right", 2)):
-        with capture_qk(student.image.layer, wanted, heads) as image_qk:
+        with capture_qk(student.image.layer, wanted, heads) as image_qk, \
+                capture_hidden(student.image.layer, wanted) as image_h:
             images.append(student.encode_image(batch[side], type_idx))
-        if attention:
-            for layer in layers:
-                q_i, k_i = image_qk[layer]["q"], image_qk[layer]["k"]
-                image_mask = torch.ones(q_i.shape[0], q_i.shape[2], dtype=torch.bool, device=q_i.device)
-                attn[layer].append(cross_modal_attention(text_qk[layer]["q"], text_qk[layer]["k"], q_i, k_i,
-                                                         mask.bool(), image_mask))
+        all_views.append(dual_views(text_qk, text_h, image_qk, image_h, wanted))
     logits = student.nlvr2_from_cls(text.cls, images[0].cls, images[1].cls)
-    return {"logits": logits, "attn": attn}
+    return {"logits": logits, "views": all_views}
 
 
-def dide_nlvr2_loss(recipe: DistillParams, layers: list[int], teacher_fn: Callable[[dict], dict]):
-    """DiDE fine-tuning distillation on NLVR2: ``Σ_k w_k L_k`` over ``recipe.knowledge`` with
+def dide_nlvr2_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher_fn: Callable[[dict], dict] | None,
+                    modules: KnowledgeModules | None = None):
+    """Fine-tuning distillation on NLVR2: ``Σ_k w_k L_k`` over ``recipe.knowledge`` with
 
     - ``gt``: CE(student logits, labels);
     - ``soft``: τ²·KL(teacher ‖ student) of the pair logits;
-    - ``attn_cross``: for each chosen layer and each image of the pair, KL of t2i + i2t (teacher ‖ student),
-      averaged over the layers and the two images.
+    - attention / state terms (``attn_cross``, ``attn_uni``, ``attn_all``, ``attn_mse``, ``hidden``, ``token_nce``):
+      :func:`vldistill.distill.knowledge.knowledge_terms` on each image pass and layer pair, averaged.
 
     ``teacher_fn(batch)`` returns the teacher's targets (cached per example or computed on the fly).
     """
     knowledge = set(recipe.knowledge)
-    use_attn = "attn_cross" in knowledge
+    student_layers = sorted({s for s, _ in pairs})
     weights = recipe.weights
 
-    def loss_fn(student: DualEncoder, batch: dict) -> dict[str, torch.Tensor]:
-        out = student_nlvr2_outputs(student, batch, layers, use_attn)
+    def loss_fn(student, batch: dict) -> dict[str, torch.Tensor]:
+        out = student_nlvr2_outputs(student, batch, student_layers, needs_views(knowledge))
         terms: dict[str, torch.Tensor] = {}
         if "gt" in knowledge:
             terms["gt"] = losses.ground_truth(out["logits"], batch["labels"])
         target = teacher_fn(batch) if knowledge - {"gt"} else None
         if "soft" in knowledge:
             terms["soft"] = losses.soft_labels(out["logits"], target["logits"], recipe.temperature)
-        if use_attn:
-            mask = batch["attention_mask"].bool()
-            per = []
-            for layer in layers:
-                for s_pair, t_pair in zip(out["attn"][layer], target["attn"][layer]):
-                    image_mask = torch.ones(s_pair[0].shape[0], s_pair[0].shape[-1], dtype=torch.bool, device=mask.device)
-                    per.append(losses.cross_modal_attention_loss(s_pair, t_pair, mask, image_mask))
-            terms["attn_cross"] = torch.stack(per).mean()
+        if needs_views(knowledge):
+            terms |= knowledge_terms(knowledge, pairs, out["views"], target["views"], batch["attention_mask"], modules)
         terms["loss"] = sum(getattr(weights, k) * v for k, v in terms.items())
         return terms
 
@@ -181,6 +191,7 @@ def dide_nlvr2_loss(recipe: DistillParams, layers: list[int], teacher_fn: Callab
 
 
 def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTeacher | None):
+    # the dual student has the teacher's depth: layer l learns from teacher layer l
     """Minimal DiDE pre-training distillation on image–caption pairs:
 
     - ITC: symmetric in-batch contrastive CE over ``itc_logits`` (learnable temperature);
@@ -230,31 +241,40 @@ def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTe
     return loss_fn
 
 
+CACHEABLE = {"gt", "soft", "attn_cross"}
+"""Knowledge whose teacher targets are small enough to precompute for a whole split (logits + t2i/i2t maps)."""
+
+
 @torch.no_grad()
 def cache_teacher_targets(teacher: ViltTeacher, split, layers: list[int], attention: bool, batch_size: int,
                           device: torch.device) -> Callable[[dict], dict]:
     """Run the frozen teacher (eval mode) once over a split and return ``teacher_fn(batch)`` that looks its targets
-    up by ``batch["index"]``. Exact for a deterministic teacher and unaugmented inputs; attention maps are stored in
-    float16 (``(N, H, T, I)`` and ``(N, H, I, T)`` per layer and image) to halve the memory."""
+    up by ``batch["index"]``: logits and, when ``attention``, each layer's and image pass's cross-modal maps
+    ``t2i (N,H,T,I)``, ``i2t (N,H,I,T)`` (float16, to halve the memory). Exact for a deterministic teacher and
+    unaugmented inputs; only for knowledge within :data:`CACHEABLE`."""
     teacher.eval()
-    logits, attn = [], {layer: [[], [], [], []] for layer in layers}
+    logits, maps = [], {(side, layer): ([], []) for side in (0, 1) for layer in layers}
     for batch in split.loader(batch_size, shuffle=False, seed=0):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = teacher_nlvr2_targets(teacher, batch, layers, attention)
+        out = teacher_nlvr2_targets(teacher, batch, layers, attention, states=False)
         logits.append(out["logits"].float().cpu())
-        for layer in out["attn"]:
-            for j, tensor in enumerate([t for pair in out["attn"][layer] for t in pair]):
-                attn[layer][j].append(tensor.to(torch.float16).cpu())
+        for side, views in enumerate(out["views"]):
+            image_mask = None
+            for layer, view in views.items():
+                if image_mask is None:
+                    image_mask = torch.ones(view.q_image.shape[0], view.q_image.shape[2], dtype=torch.bool, device=device)
+                t2i, i2t = view.cross(batch["attention_mask"].bool(), image_mask)
+                maps[side, layer][0].append(t2i.to(torch.float16).cpu())
+                maps[side, layer][1].append(i2t.to(torch.float16).cpu())
     table_logits = torch.cat(logits)
-    table_attn = {layer: [torch.cat(parts) for parts in lists] for layer, lists in attn.items() if lists[0]}
+    table_maps = {key: (torch.cat(a), torch.cat(b)) for key, (a, b) in maps.items() if a}
 
     def teacher_fn(batch: dict) -> dict:
         idx = batch["index"].cpu()
         dev = batch["input_ids"].device
-        out = {"logits": table_logits[idx].to(dev), "attn": {}}
-        for layer, (t2i_l, i2t_l, t2i_r, i2t_r) in table_attn.items():
-            out["attn"][layer] = [(t2i_l[idx].to(dev).float(), i2t_l[idx].to(dev).float()),
-                                  (t2i_r[idx].to(dev).float(), i2t_r[idx].to(dev).float())]
-        return out
+        views = [{}, {}]
+        for (side, layer), (t2i, i2t) in table_maps.items():
+            views[side][layer] = LayerView(t2i=t2i[idx].to(dev).float(), i2t=i2t[idx].to(dev).float())
+        return {"logits": table_logits[idx].to(dev), "views": views}
 
     return teacher_fn

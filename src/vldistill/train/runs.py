@@ -18,7 +18,9 @@ from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
 from vldistill.evaluate.metrics import nlvr2_accuracy
 from vldistill.io import write_json
+from vldistill.distill.knowledge import KnowledgeModules
 from vldistill.models.dual import DualEncoder
+from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, vilt_config
 from vldistill.train import objectives
 from vldistill.train.loop import clear_checkpoints, fit, make_fabric
@@ -103,8 +105,8 @@ def teacher_pretrain(params: Params) -> dict:
 
 
 def _strip(state: dict) -> dict:
-    """State dict of an :class:`Objective` → that of its ``model``."""
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    """State dict of an :class:`Objective` → that of its ``model`` (the loss's ``extras`` are not saved)."""
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
 def teacher_finetune(params: Params, task: str) -> dict:
@@ -141,7 +143,8 @@ def distill_pretrain(params: Params) -> dict:
     teacher = ViltTeacher.load(paths.model_dir("teacher_pretrain")).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
     student = DualEncoder.from_teacher(teacher, params.student.fusion_hidden)
-    layers = objectives.distill_layers(recipe, teacher.config.num_hidden_layers)
+    layers = [s for s, _ in objectives.distill_pairs(recipe, teacher.config.num_hidden_layers,
+                                                      teacher.config.num_hidden_layers)]
     objective = objectives.Objective(student, objectives.dual_pretrain_loss(recipe, layers, teacher))
 
     def evaluate(obj) -> dict[str, float]:
@@ -171,6 +174,21 @@ def distill_pretrain(params: Params) -> dict:
                        {}, tracker, curve)
 
 
+def _finetune_student(params: Params, recipe):
+    """The student a fine-tuning distillation starts from.
+
+    ``student.kind=dual``: from ``distill_pretrain`` when 'pretrain' is in the recipe's stages, else both towers from
+    the pre-trained teacher. ``student.kind=fusion``: a smaller ViLT from the pre-trained teacher (see
+    :func:`vldistill.models.fusion.fusion_student`).
+    """
+    pretrained = ViltTeacher.load(paths.model_dir("teacher_pretrain"))
+    if params.student.kind == "fusion":
+        return fusion_student(pretrained, params.student, heads=("nlvr2",))
+    if "pretrain" in recipe.stages:
+        return DualEncoder.load(paths.model_dir("distill_pretrain"))
+    return DualEncoder.from_teacher(pretrained, params.student.fusion_hidden)
+
+
 def distill_finetune(params: Params, task: str, variant: str) -> dict:
     """Fine-tuning distillation of one named variant on ``task``: student from ``distill_pretrain`` when 'pretrain'
     is in the recipe's stages (else from the pre-trained teacher), knowledge from the fine-tuned teacher."""
@@ -182,20 +200,19 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
     train, dev = _split(params, task, "train", tokenizer), _split(params, task, "dev", tokenizer)
     teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
-    if "pretrain" in recipe.stages:
-        student = DualEncoder.load(paths.model_dir("distill_pretrain"))
-    else:
-        student = DualEncoder.from_teacher(ViltTeacher.load(paths.model_dir("teacher_pretrain")),
-                                           params.student.fusion_hidden)
-    layers = objectives.distill_layers(recipe, teacher.config.num_hidden_layers)
-    attention = "attn_cross" in recipe.knowledge
+    student = _finetune_student(params, recipe)
+    pairs = objectives.distill_pairs(recipe, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    extras = KnowledgeModules(set(recipe.knowledge), pairs, student.config.hidden_size, teacher.config.hidden_size,
+                              recipe.nce.queue_size, recipe.nce.temperature)
+    teacher_layers = sorted({t for _, t in pairs})
+    views = objectives.needs_views(recipe.knowledge)
     if set(recipe.knowledge) == {"gt"}:
         teacher_fn = None
-    elif recipe.cache_teacher:
-        teacher_fn = objectives.cache_teacher_targets(teacher, train, layers, attention, 256, fabric.device)
+    elif recipe.cache_teacher and set(recipe.knowledge) <= objectives.CACHEABLE:
+        teacher_fn = objectives.cache_teacher_targets(teacher, train, teacher_layers, views, 256, fabric.device)
     else:
-        teacher_fn = lambda batch: objectives.teacher_nlvr2_targets(teacher, batch, layers, attention)  # noqa: E731
-    objective = objectives.Objective(student, objectives.dide_nlvr2_loss(recipe, layers, teacher_fn))
+        teacher_fn = lambda batch: objectives.teacher_nlvr2_targets(teacher, batch, teacher_layers, views)  # noqa: E731
+    objective = objectives.Objective(student, objectives.dide_nlvr2_loss(recipe, pairs, teacher_fn, extras), extras)
     ckpt, curve = paths.checkpoint_dir(stage, task, variant), paths.curve_path(stage, task, variant)
     with Tracker(stage, flatten({"seed": params.seed, "distill": recipe, "student": params.student,
                                  f"train.{stage}": budget}), task=task, variant=variant,
@@ -206,7 +223,7 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
                      fingerprint(recipe.model_dump(), params.student.model_dump(), budget.model_dump(), params.seed,
                                  paths.model_dir("teacher_finetune", task), paths.model_dir("distill_pretrain"),
                                  paths.PREPARED / task),
-                     params.seed, tracker, head_prefixes=("model.fusion", "model.classifier"))
+                     params.seed, tracker, head_prefixes=("model.fusion", "model.classifier", "extras"))
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage, task, variant),
                        paths.train_metrics(stage, task, variant), ckpt, {"knowledge": "+".join(recipe.knowledge)},
