@@ -261,3 +261,26 @@ def test_coco_plus_visual_genome_regions(tmp_path):
     stats, out = _prepare("pretrain", cfg, tmp_path)
     train = read_split(out, "pretrain", "train")
     assert stats["splits"]["train"]["examples"] == 13 and (train["image_id"] == "vg-42").sum() == 3
+
+
+def test_prepare_stage_reads_official_fixture_and_reports_bad_data(tmp_path):
+    """The stage entry point itself: `source: official` via -S overrides; bad data exits 2 with one line."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root = nlvr2_fixture(tmp_path / "nlvr2")
+    args = [sys.executable, str(ROOT / "stages/prepare.py"), "--params", str(ROOT / "params.yaml"), "--task", "nlvr2",
+            "-S", "data.nlvr2.source=official", "-S", f"data.nlvr2.root={root}", "-S", "data.nlvr2.image_size=[32, 48]"]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "data/prepared/nlvr2/train.parquet").is_file()
+    assert (tmp_path / "reports/data/nlvr2_examples.png").is_file()
+    (root / "dev/dev-3-1-img0.png").write_bytes(b"\x89PNG\r\n")  # truncated
+    bad = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "dev-3-1-img0.png" in errors[0] and "cannot decode" in errors[0]
+    assert (tmp_path / "data/prepared/nlvr2/train.parquet").is_file()  # the previous good output is kept

@@ -54,6 +54,12 @@ class SceneParams(Strict):
         return self
 
 
+def _non_empty(values: list, what: str) -> list:
+    if not values:
+        raise ValueError(f"must name at least one {what}")
+    return values
+
+
 class SplitSizes(Strict):
     train: int = Field(ge=1)
     dev: int = Field(ge=1)
@@ -100,12 +106,7 @@ class Nlvr2Data(OfficialSource):
     pairs: SplitSizes = SplitSizes(train=20000, dev=1000, test=2000)
     templates: list[Literal[NLVR2_TEMPLATES + NLVR2_OPTIONAL_TEMPLATES]] = list(NLVR2_TEMPLATES)
 
-    @field_validator("templates")
-    @classmethod
-    def _some_templates(cls, templates):
-        if not templates:
-            raise ValueError("must name at least one template")
-        return templates
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _non_empty(v, "template")))
 
 
 class SnliVeData(OfficialSource):
@@ -116,12 +117,7 @@ class SnliVeData(OfficialSource):
     templates: list[Literal["exists", "at_least", "at_most", "relation"]] = ["exists", "at_least", "at_most", "relation"]
     max_occluders: int = Field(2, ge=1, le=3, description="grey cells hiding whatever lies below (labels enumerate them)")
 
-    @field_validator("templates")
-    @classmethod
-    def _some_templates(cls, templates):
-        if not templates:
-            raise ValueError("must name at least one template")
-        return templates
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _non_empty(v, "template")))
 
 
 class VqaData(OfficialSource):

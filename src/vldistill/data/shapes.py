@@ -48,6 +48,11 @@ class Attr:
         """'red circles', 'circles', 'red objects', 'objects'."""
         return " ".join(p for p in (self.colour, (self.shape or "object") + "s") if p)
 
+    def counted(self, n: int) -> str:
+        """'one red circle', 'two circles', ... (singular noun for one)."""
+        noun = self.plural() if n != 1 else " ".join(p for p in (self.colour, self.shape or "object") if p)
+        return f"{NUMBER_WORDS[n]} {noun}"
+
 
 def count(scene: Scene, attr: Attr) -> int:
     return sum(attr.matches(o) for o in scene)
@@ -218,7 +223,7 @@ def random_statement(template: str, rng: random.Random, max_objects: int) -> Sta
         top = max_objects + 1 if attr == Attr() else max(3, max_objects // 2 + 1)
         n = rng.randint(2, top)
         words = "at least" if template == "at_least" else "exactly"
-        return Statement(template, f"there are {words} {NUMBER_WORDS[n]} {attr.plural()} in total", (n, attr))
+        return Statement(template, f"there are {words} {attr.counted(n)} in total", (n, attr))
     if template == "relation":
         a, b = random_attr(rng, allow_any=False), random_attr(rng, allow_any=False)
         word = rng.choice(["above", "below", "left of", "right of"])
@@ -303,7 +308,8 @@ def random_hypothesis(template: str, rng: random.Random, max_objects: int) -> Hy
         attr = random_attr(rng)
         n = rng.randint(1, max(2, max_objects // 2 + 1))
         words = "at least" if template == "at_least" else "at most"
-        return Hypothesis(template, f"there are {words} {NUMBER_WORDS[n]} {attr.plural()}", (n, attr))
+        verb = "is" if n == 1 else "are"
+        return Hypothesis(template, f"there {verb} {words} {attr.counted(n)}", (n, attr))
     if template == "relation":
         a, b = random_attr(rng, allow_any=False), random_attr(rng, allow_any=False)
         word = rng.choice(["above", "below", "left of", "right of"])

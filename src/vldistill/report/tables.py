@@ -89,3 +89,23 @@ def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, t
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def data_summary(metrics_dir: str | Path, tasks: list[str]) -> pd.DataFrame:
+    """One row per prepared task: examples per split, images, and the label (or top answer) distribution of train."""
+    rows = []
+    for task in tasks:
+        path = Path(metrics_dir) / "data" / f"{task}.json"
+        stats = read_json(path)
+        if stats is None:
+            rows.append({"task": task, "source": missing(path)})
+            continue
+        splits = stats["splits"]
+        train = splits.get("train", {})
+        answers = sorted(train.get("top_answers", {}).items(), key=lambda kv: -kv[1])[:4]
+        spread = train.get("labels") or dict(answers)
+        rows.append({"task": task, "source": stats["source"],
+                     **{f"{s} examples": str(splits[s]["examples"]) for s in ("train", "dev", "test") if s in splits},
+                     "images in store": str(stats["image_store"]["images"]),
+                     "train labels / top answers": ", ".join(f"{k} {v}" for k, v in spread.items())})
+    return pd.DataFrame(rows).set_index("task")
