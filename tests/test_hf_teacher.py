@@ -75,3 +75,14 @@ def test_checkpoint_that_does_not_fit_is_rejected(tmp_path):
     save_file(state, state_path)
     with pytest.raises(RuntimeError, match="unexpected"):
         ViltTeacher.from_pretrained(tmp_path)
+
+
+def test_untied_teacher_keeps_its_own_decoder(tmp_path):
+    torch.manual_seed(0)
+    teacher = ViltTeacher(_config(), heads=("mlm", "itm"), tie_mlm_decoder=False)
+    with torch.no_grad():
+        teacher.mlm_score.decoder.weight.add_(1.0)
+    teacher.save(tmp_path)
+    again = ViltTeacher.load(tmp_path)
+    assert again.mlm_score.decoder.weight is not again.vilt.embeddings.text_embeddings.word_embeddings.weight
+    torch.testing.assert_close(again.mlm_score.decoder.weight, teacher.mlm_score.decoder.weight)

@@ -166,6 +166,9 @@ class TeacherParams(Strict):
     patch_size: int = Field(16, ge=1)
     max_text_len: int = Field(18, ge=4, le=512)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_mlm_decoder: bool = Field(
+        False, description="tie the MLM decoder to the word embeddings (ViLT does; checkpoints loaded from the hub "
+                           "keep their own tying)")
     pixel_norm: Literal["unit", "vilt"] = Field(
         "unit", description="unit: x/255 (black background = 0); vilt: (x/255 - 0.5)/0.5"
     )

@@ -68,7 +68,8 @@ def patch_tokens(embeddings, pixel_values: torch.Tensor) -> torch.Tensor:
 class ViltTeacher(nn.Module):
     """ViLT (``self.vilt``) with the heads named in ``heads`` (attribute names and shapes as transformers):
 
-    - ``mlm``: ``mlm_score`` over the text positions ``(B, T, V)`` (ViltMLMHead, decoder tied to the word embeddings);
+    - ``mlm``: ``mlm_score`` over the text positions ``(B, T, V)`` (ViltMLMHead; its decoder is tied to the word
+      embeddings when ``tie_mlm_decoder``, as in ViLT and transformers' checkpoints);
     - ``itm``: ``itm_score`` on the pooled [CLS] ``(B, 2)`` (ViLT's image–text matching);
     - ``nlvr2``: ``classifier`` on the two pooled outputs concatenated ``(B, 2D)`` → ``(B, 2)``
       (ViltForImagesAndTextClassification);
@@ -77,7 +78,8 @@ class ViltTeacher(nn.Module):
     - ``retrieval``: ``rank_output`` ``(B, D)`` → ``(B, 1)`` image–text score (ViltForImageAndTextRetrieval).
     """
 
-    def __init__(self, config: ViltConfig, heads: tuple[str, ...] = ("mlm", "itm", "nlvr2")):
+    def __init__(self, config: ViltConfig, heads: tuple[str, ...] = ("mlm", "itm", "nlvr2"),
+                 tie_mlm_decoder: bool = True):
         super().__init__()
         unknown = set(heads) - set(HEADS)
         if unknown:
@@ -87,11 +89,13 @@ class ViltTeacher(nn.Module):
             raise ValueError(f"heads {task_heads} all live in `classifier`; a teacher carries at most one of them")
         self.config = config
         self.heads = tuple(heads)
+        self.tie_mlm_decoder = tie_mlm_decoder and "mlm" in heads
         self.vilt = ViltModel(config)
         d = config.hidden_size
         if "mlm" in heads:
             self.mlm_score = ViltMLMHead(config)
-            self.mlm_score.decoder.weight = self.vilt.embeddings.text_embeddings.word_embeddings.weight
+            if self.tie_mlm_decoder:
+                self.mlm_score.decoder.weight = self.vilt.embeddings.text_embeddings.word_embeddings.weight
         if "itm" in heads:
             self.itm_score = nn.Linear(d, 2)
         if "nlvr2" in heads:
@@ -140,9 +144,9 @@ class ViltTeacher(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(path))
-        write_json(path / "heads.json", {"heads": list(self.heads)})
+        write_json(path / "heads.json", {"heads": list(self.heads), "tie_mlm_decoder": self.tie_mlm_decoder})
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if k != "mlm_score.decoder.weight"}  # tied to the word embeddings: stored once
+                 if not (self.tie_mlm_decoder and k == "mlm_score.decoder.weight")}  # tied: stored once
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(state, str(tmp))
 
@@ -154,8 +158,9 @@ class ViltTeacher(nn.Module):
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path}: no teacher checkpoint (model.safetensors) found")
         config = ViltConfig.from_pretrained(str(path))
-        saved = tuple(json.loads((path / "heads.json").read_text())["heads"])
-        model = cls(config, heads or saved)
+        meta = json.loads((path / "heads.json").read_text())
+        saved = tuple(meta["heads"])
+        model = cls(config, heads or saved, tie_mlm_decoder=meta.get("tie_mlm_decoder", False))
         state = load_file(str(path / "model.safetensors"))
         return model._load_checked(state, saved, str(path))
 
@@ -185,11 +190,11 @@ class ViltTeacher(nn.Module):
         state = {k: v for k, v in state.items() if k.split(".")[0] in keep}
         missing, unexpected = self.load_state_dict(state, strict=False)
         new = {HEAD_ATTRS[h] for h in self.heads if h not in saved_heads}
-        tied = {"mlm_score.decoder.weight"}
+        tied = {"mlm_score.decoder.weight"} if self.tie_mlm_decoder else set()
         missing = [k for k in missing if k.split(".")[0] not in new and k not in tied]
         if missing or unexpected:
             raise RuntimeError(f"{source}: checkpoint does not fit the teacher: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
-        if "mlm" in self.heads:  # re-tie after loading (load_state_dict copies into the shared tensor)
+        if self.tie_mlm_decoder:  # re-tie after loading (load_state_dict copies into the shared tensor)
             self.mlm_score.decoder.weight = self.vilt.embeddings.text_embeddings.word_embeddings.weight
         return self

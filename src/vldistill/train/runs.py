@@ -72,7 +72,7 @@ def teacher_pretrain(params: Params) -> dict:
     tokenizer = tok.load(paths.TOKENIZER)
     train, dev = _split(params, "pretrain", "train", tokenizer), _split(params, "pretrain", "dev", tokenizer)
     config = vilt_config(params.teacher, _image_size(params), len(tokenizer))
-    model = ViltTeacher(config, heads=("mlm", "itm"))
+    model = ViltTeacher(config, heads=("mlm", "itm"), tie_mlm_decoder=params.teacher.tie_mlm_decoder)
     special = [tokenizer.convert_tokens_to_ids(t) for t in tok.SPECIAL]
     objective = objectives.Objective(model, objectives.teacher_pretrain_loss(tokenizer.mask_token_id, len(tokenizer), special))
 
