@@ -121,7 +121,7 @@ def test_vqa_official_splits_and_soft_scores(tmp_path):
     stats, out = _prepare("vqa", cfg, tmp_path)
     train, dev, test = (read_split(out, "vqa", s) for s in ("train", "dev", "test"))
     assert sorted(train["image_id"]) == [1, 2, 3, 4] and list(dev["image_id"]) == [5] and len(test) == 1
-    row = dict(zip(train["answers"][0], train["scores"][0]))
+    row = dict(zip(train["answers"][0], train["scores"][0], strict=True))
     # "Two","2","two.","2","Two" → "2" ×5 → 1.0; "three","3" → "3" ×2 → 0.6; yes/no/red ×1 → 0.3
     assert row == {"2": 1.0, "3": pytest.approx(0.6), "yes": pytest.approx(0.3), "no": pytest.approx(0.3),
                    "red": pytest.approx(0.3)}

@@ -71,77 +71,71 @@ def _rng(seed: int, task: str, split: str) -> random.Random:
     return random.Random(f"{seed}/{task}/{split}")
 
 
-def _generate_pretrain(cfg: PretrainData, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
+def _generate(task: str, sizes, seed: int, example) -> tuple[dict, list[np.ndarray]]:
+    """Run ``example(rng, split, i, images) -> rows`` ``sizes.<split>`` times per split, each split with its own
+    seeded stream; ``example`` appends the images it draws to ``images`` and refers to them by index."""
     frames, images = {}, []
     for split in SPLITS:
-        rng = _rng(seed, "pretrain", split)
+        rng = _rng(seed, task, split)
         rows = []
-        for _ in tqdm(range(getattr(cfg.images, split)), desc=f"pretrain/{split}", leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0):
-            objs = shapes.random_scene(rng, scene.grid, scene.min_objects, scene.max_objects)
-            key = len(images)
-            images.append(shapes.render(objs, scene.grid, scene.cell, scene.jitter, rng))
-            captions = []
-            for _ in range(cfg.captions_per_image * 4):  # draw until enough distinct captions (or give up)
-                text = shapes.caption(objs, scene.grid, rng)
-                if text not in captions:
-                    captions.append(text)
-                if len(captions) == cfg.captions_per_image:
-                    break
-            rows += [{"text": t, "image": key, "image_id": f"{split}-{key}"} for t in captions]
+        for i in tqdm(range(getattr(sizes, split)), desc=f"{task}/{split}", leave=False,
+                      mininterval=1.0 if sys.stderr.isatty() else 30.0):
+            rows += example(rng, split, i, images)
         frames[split] = pd.DataFrame(rows)
     return frames, images
+
+
+def _generate_pretrain(cfg: PretrainData, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
+    def example(rng, split, i, images):
+        objs = shapes.random_scene(rng, scene.grid, scene.min_objects, scene.max_objects)
+        images.append(shapes.render(objs, scene.grid, scene.cell, scene.jitter, rng))
+        captions = []
+        for _ in range(cfg.captions_per_image * 4):  # draw until enough distinct captions (or give up)
+            text = shapes.caption(objs, scene.grid, rng)
+            if text not in captions:
+                captions.append(text)
+            if len(captions) == cfg.captions_per_image:
+                break
+        key = len(images) - 1
+        return [{"text": t, "image": key, "image_id": f"{split}-{key}"} for t in captions]
+
+    return _generate("pretrain", cfg.images, seed, example)
 
 
 def _generate_nlvr2(cfg: Nlvr2Data, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
-    frames, images = {}, []
-    for split in SPLITS:
-        rng = _rng(seed, "nlvr2", split)
-        rows = []
-        for i in tqdm(range(getattr(cfg.pairs, split)), desc=f"nlvr2/{split}", leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0):
-            statement, left, right, label = shapes.nlvr2_example(
-                rng, list(cfg.templates), scene.grid, scene.min_objects, scene.max_objects
-            )
-            key = len(images)
-            images.append(shapes.render(left, scene.grid, scene.cell, scene.jitter, rng))
-            images.append(shapes.render(right, scene.grid, scene.cell, scene.jitter, rng))
-            rows.append({
-                "identifier": f"{split}-{i}", "text": statement.text, "label": int(label),
-                "label_name": NLVR2_LABELS[int(label)], "image_left": key, "image_right": key + 1,
-                "template": statement.template,
-            })
-        frames[split] = pd.DataFrame(rows)
-    return frames, images
+    def example(rng, split, i, images):
+        statement, left, right, label = shapes.nlvr2_example(
+            rng, list(cfg.templates), scene.grid, scene.min_objects, scene.max_objects)
+        images.append(shapes.render(left, scene.grid, scene.cell, scene.jitter, rng))
+        images.append(shapes.render(right, scene.grid, scene.cell, scene.jitter, rng))
+        return [{"identifier": f"{split}-{i}", "text": statement.text, "label": int(label),
+                 "label_name": NLVR2_LABELS[int(label)], "image_left": len(images) - 2, "image_right": len(images) - 1,
+                 "template": statement.template}]
+
+    return _generate("nlvr2", cfg.pairs, seed, example)
 
 
 def _generate_snli_ve(cfg, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
-    frames, images = {}, []
-    for split in SPLITS:
-        rng = _rng(seed, "snli_ve", split)
-        rows = []
-        for i in tqdm(range(getattr(cfg.pairs, split)), desc=f"snli_ve/{split}", leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0):
-            hypothesis, objs, covered, label = shapes.snli_ve_example(
-                rng, list(cfg.templates), scene.grid, scene.min_objects, scene.max_objects, cfg.max_occluders)
-            images.append(shapes.render_occluded(objs, covered, scene.grid, scene.cell, scene.jitter, rng))
-            rows.append({"identifier": f"{split}-{i}", "text": hypothesis.text,
-                         "label": shapes.SNLI_LABELS.index(label), "label_name": label, "image": len(images) - 1,
-                         "template": hypothesis.template, "occluded": len(covered)})
-        frames[split] = pd.DataFrame(rows)
-    return frames, images
+    def example(rng, split, i, images):
+        hypothesis, objs, covered, label = shapes.snli_ve_example(
+            rng, list(cfg.templates), scene.grid, scene.min_objects, scene.max_objects, cfg.max_occluders)
+        images.append(shapes.render_occluded(objs, covered, scene.grid, scene.cell, scene.jitter, rng))
+        return [{"identifier": f"{split}-{i}", "text": hypothesis.text, "label": shapes.SNLI_LABELS.index(label),
+                 "label_name": label, "image": len(images) - 1, "template": hypothesis.template,
+                 "occluded": len(covered)}]
+
+    return _generate("snli_ve", cfg.pairs, seed, example)
 
 
 def _generate_retrieval(cfg, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:
-    frames, images = {}, []
-    for split in SPLITS:
-        rng = _rng(seed, "retrieval", split)
-        rows = []
-        for _ in tqdm(range(getattr(cfg.images, split)), desc=f"retrieval/{split}", leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0):
-            objs = shapes.random_scene(rng, scene.grid, scene.min_objects, scene.max_objects)
-            key = len(images)
-            images.append(shapes.render(objs, scene.grid, scene.cell, scene.jitter, rng))
-            for text in shapes.distinct_captions(objs, scene.grid, cfg.captions_per_image, rng):
-                rows.append({"text": text, "image": key, "image_id": f"{split}-{key}"})
-        frames[split] = pd.DataFrame(rows)
-    return frames, images
+    def example(rng, split, i, images):
+        objs = shapes.random_scene(rng, scene.grid, scene.min_objects, scene.max_objects)
+        images.append(shapes.render(objs, scene.grid, scene.cell, scene.jitter, rng))
+        key = len(images) - 1
+        return [{"text": text, "image": key, "image_id": f"{split}-{key}"}
+                for text in shapes.distinct_captions(objs, scene.grid, cfg.captions_per_image, rng)]
+
+    return _generate("retrieval", cfg.images, seed, example)
 
 
 def _read_easy_vqa(cfg, scene: SceneParams, seed: int) -> tuple[dict, list[np.ndarray]]:

@@ -273,7 +273,7 @@ def completions(visible: Scene, covered: list[int], grid: int):
     """Every scene the viewer cannot rule out: each covered cell empty or holding any (shape, colour)."""
     options = [None] + [(s, c) for s in SHAPES for c in COLOURS]
     for fill in itertools.product(options, repeat=len(covered)):
-        extra = [Obj(o[0], o[1], cell // grid, cell % grid) for o, cell in zip(fill, covered) if o is not None]
+        extra = [Obj(o[0], o[1], cell // grid, cell % grid) for o, cell in zip(fill, covered, strict=True) if o is not None]
         yield visible + extra
 
 

@@ -38,7 +38,7 @@ def draw_examples(root: str | Path, task: str, split: str, n: int, out: str | Pa
     fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3.6 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (_, row) in zip(axes.flat, rows.iterrows()):
+    for ax, (_, row) in zip(axes.flat, rows.iterrows(), strict=False):  # spare axes stay blank
         if "image_left" in row:
             left, right = images[row["image_left"]], images[row["image_right"]]
             gap = np.full((left.shape[0], 4, 3), 255, dtype=np.uint8)

@@ -14,7 +14,7 @@ from torch import nn
 
 from vldistill.config import DistillParams
 from vldistill.distill import losses
-from vldistill.distill.attention import capture_hidden, capture_qk, cross_modal_attention, layer_pairs, split_joint
+from vldistill.distill.attention import capture_hidden, capture_qk, layer_pairs
 from vldistill.distill.knowledge import (ATTENTION_TERMS, STATE_TERMS, KnowledgeModules, LayerView, dual_views,
                                          fusion_views, knowledge_terms)
 from vldistill.models.dual import DualEncoder
@@ -173,16 +173,17 @@ def dide_nlvr2_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher
     knowledge = set(recipe.knowledge)
     student_layers = sorted({s for s, _ in pairs})
     weights = recipe.weights
+    views = needs_views(knowledge)
 
     def loss_fn(student, batch: dict) -> dict[str, torch.Tensor]:
-        out = student_nlvr2_outputs(student, batch, student_layers, needs_views(knowledge))
+        out = student_nlvr2_outputs(student, batch, student_layers, views)
         terms: dict[str, torch.Tensor] = {}
         if "gt" in knowledge:
             terms["gt"] = losses.ground_truth(out["logits"], batch["labels"])
         target = teacher_fn(batch) if knowledge - {"gt"} else None
         if "soft" in knowledge:
             terms["soft"] = losses.soft_labels(out["logits"], target["logits"], recipe.temperature)
-        if needs_views(knowledge):
+        if views:
             terms |= knowledge_terms(knowledge, pairs, out["views"], target["views"], batch["attention_mask"], modules)
         terms["loss"] = sum(getattr(weights, k) * v for k, v in terms.items())
         return terms
@@ -191,8 +192,8 @@ def dide_nlvr2_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher
 
 
 def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTeacher | None):
-    # the dual student has the teacher's depth: layer l learns from teacher layer l
-    """Minimal DiDE pre-training distillation on image–caption pairs:
+    """Minimal DiDE pre-training distillation on image–caption pairs (the dual student has the teacher's depth:
+    student layer l learns from teacher layer l):
 
     - ITC: symmetric in-batch contrastive CE over ``itc_logits`` (learnable temperature);
     - ITM: CE of ``itm_score(fuse(text, image))`` on matched pairs and in-batch rolled negatives (``gt``);
@@ -201,14 +202,15 @@ def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTe
     """
     knowledge = set(recipe.knowledge)
     weights = recipe.weights
+    use_attn = "attn_cross" in knowledge and teacher is not None
+    wanted = layers if use_attn else []
 
     def loss_fn(student: DualEncoder, batch: dict) -> dict[str, torch.Tensor]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         heads = student.config.num_attention_heads
-        use_attn = "attn_cross" in knowledge and teacher is not None
-        with capture_qk(student.text.layer, layers if use_attn else [], heads) as text_qk:
+        with capture_qk(student.text.layer, wanted, heads) as text_qk:
             text = student.encode_text(ids, mask)
-        with capture_qk(student.image.layer, layers if use_attn else [], heads) as image_qk:
+        with capture_qk(student.image.layer, wanted, heads) as image_qk:
             image = student.encode_image(batch["pixel_values"], 1)
         logits = student.itc_logits(text.cls, image.cls)
         same = (batch["image"][:, None] == batch["image"][None, :]).float()
@@ -224,17 +226,14 @@ def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTe
                 teacher_itm = teacher.itm_logits(pooled)
             if "soft" in knowledge:
                 terms["soft"] = losses.soft_labels(itm_logits, teacher_itm, recipe.temperature)
-            if use_attn:
-                per = []
-                with torch.no_grad(), capture_qk(teacher.vilt.encoder.layer, layers, heads) as t_qk:
-                    teacher.encode(ids, mask, batch["pixel_values"])
-                image_mask = torch.ones(ids.shape[0], image.sequence.shape[1], dtype=torch.bool, device=ids.device)
-                for layer in layers:
-                    t_pair = cross_modal_attention(*split_joint(t_qk[layer], ids.shape[1]), mask.bool(), image_mask)
-                    s_pair = cross_modal_attention(text_qk[layer]["q"], text_qk[layer]["k"], image_qk[layer]["q"],
-                                                   image_qk[layer]["k"], mask.bool(), image_mask)
-                    per.append(losses.cross_modal_attention_loss(s_pair, t_pair, mask.bool(), image_mask))
-                terms["attn_cross"] = torch.stack(per).mean()
+            if use_attn:  # matched pairs only: the teacher sees each caption with its own image
+                with torch.no_grad():
+                    _, t_views = fusion_views(teacher.vilt.encoder.layer,
+                                              lambda: teacher.encode(ids, mask, batch["pixel_values"]),
+                                              layers, heads, ids.shape[1], want_states=False)
+                s_views = dual_views(text_qk, {}, image_qk, {}, layers)
+                terms |= knowledge_terms({"attn_cross"}, [(layer, layer) for layer in layers], [s_views], [t_views],
+                                         mask)
         terms["loss"] = terms["itc"] + sum(getattr(weights, k) * v for k, v in terms.items() if k != "itc")
         return terms
 
@@ -259,10 +258,8 @@ def cache_teacher_targets(teacher: ViltTeacher, split, layers: list[int], attent
         out = teacher_nlvr2_targets(teacher, batch, layers, attention, states=False)
         logits.append(out["logits"].float().cpu())
         for side, views in enumerate(out["views"]):
-            image_mask = None
             for layer, view in views.items():
-                if image_mask is None:
-                    image_mask = torch.ones(view.q_image.shape[0], view.q_image.shape[2], dtype=torch.bool, device=device)
+                image_mask = torch.ones(view.q_image.shape[:1] + view.q_image.shape[2:3], dtype=torch.bool, device=device)
                 t2i, i2t = view.cross(batch["attention_mask"].bool(), image_mask)
                 maps[side, layer][0].append(t2i.to(torch.float16).cpu())
                 maps[side, layer][1].append(i2t.to(torch.float16).cpu())

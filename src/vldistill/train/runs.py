@@ -181,11 +181,11 @@ def _finetune_student(params: Params, recipe):
     the pre-trained teacher. ``student.kind=fusion``: a smaller ViLT from the pre-trained teacher (see
     :func:`vldistill.models.fusion.fusion_student`).
     """
+    if params.student.kind == "dual" and "pretrain" in recipe.stages:
+        return DualEncoder.load(paths.model_dir("distill_pretrain"))
     pretrained = ViltTeacher.load(paths.model_dir("teacher_pretrain"))
     if params.student.kind == "fusion":
         return fusion_student(pretrained, params.student, heads=("nlvr2",))
-    if "pretrain" in recipe.stages:
-        return DualEncoder.load(paths.model_dir("distill_pretrain"))
     return DualEncoder.from_teacher(pretrained, params.student.fusion_hidden)
 
 
