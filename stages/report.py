@@ -17,7 +17,9 @@ def main() -> None:
 def _render(params) -> None:
     render("reports/templates/results.ipynb", "reports/results.ipynb", {
         "metrics_dir": "metrics", "plots_dir": "plots", "out_md": "reports/results.md",
-        "figures_dir": "reports/figures", "tasks": list(params.tasks), "variants": list(params.variants),
+        "figures_dir": "reports/figures", "tasks": list(params.tasks),
+        "task_variants": {task: params.task_variants(task) for task in params.tasks},
+        "fusion_students": sorted(v for v in params.variants if params.student_kind(v) == "fusion"),
         "data_tasks": [t for t in type(params.data).model_fields if t != "scene" and getattr(params.data, t)],
         "data_figures_dir": "reports/data",
         "decimals": params.report.decimals,

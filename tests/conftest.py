@@ -16,6 +16,7 @@ TINY = {
         "nlvr2": {"pairs": {"train": 128, "dev": 32, "test": 32}},
         "snli_ve": {"pairs": {"train": 60, "dev": 15, "test": 15}},
         "retrieval": {"images": {"train": 20, "dev": 8, "test": 8}},
+        "vqa": {"max_questions": {"train": 128, "dev": 32, "test": 32}},
     },
     "teacher": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
     "student": {"fusion_hidden": 32},
@@ -23,6 +24,12 @@ TINY = {
               for stage in ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune")},
     "bench": {"batch_sizes": [1, 4], "warmup": 1, "min_repeats": 3, "max_repeats": 5},
 }
+
+
+TINY_RUNS = {f"{task}-{variant}": {"task": task, "variant": variant} for task, variant in (
+    ("nlvr2", "dide"), ("nlvr2", "dual_gt"), ("snli_ve", "dide"), ("vqa", "dide"), ("vqa", "fusion_distillvlm"),
+    ("retrieval", "dide"), ("retrieval", "fusion_distillvlm"))}
+"""The fine-tuning distillation runs of the tiny pipeline: every task, both student kinds, fewer replicas."""
 
 
 def deep_update(base: dict, update: dict) -> dict:
@@ -36,8 +43,9 @@ def deep_update(base: dict, update: dict) -> dict:
 
 def tiny_params_text() -> str:
     """params.yaml of the repo with the TINY override applied (same keys, minutes → seconds)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return yaml.safe_dump(deep_update(params, TINY), sort_keys=False)
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params["runs"] = TINY_RUNS
+    return yaml.safe_dump(params, sort_keys=False)
 
 
 @pytest.fixture

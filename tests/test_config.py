@@ -14,7 +14,8 @@ from conftest import ROOT
 
 def test_committed_params_are_valid():
     params = load(ROOT / "params.yaml")
-    assert params.tasks == ["nlvr2"]
+    assert params.tasks == ["nlvr2", "snli_ve", "vqa", "retrieval"]
+    assert {run.task for run in params.runs.values()} == set(params.tasks)
     assert params.variant("dual_gt").knowledge == ["gt"]
     assert params.variant("dide").knowledge == list(params.distill.knowledge)
 
@@ -38,6 +39,17 @@ def test_committed_params_are_valid():
     ("bench.batch_sizes=[]", ["bench", "batch_sizes"]),
     ("student.kind=triple", ["student.kind", "triple", "'dual' or 'fusion'"]),
     ("distill.nce.queue_size=0", ["distill.nce.queue_size", "0"]),
+    ("teacher.init=vilt", ['teacher.init="vilt"', "owner/name"]),
+    ("teacher.init=' dandelin/vilt-b32-mlm'", ["teacher.init", "owner/name"]),
+    ("teacher.finetuned={coco: dandelin/vilt-b32-mlm}", ["teacher.finetuned.coco", "'nlvr2'"]),
+    ("teacher.finetuned={vqa: vilt}", ['teacher.finetuned.vqa="vilt"', "owner/name"]),
+    ("train.augment.magnitude=31", ["train.augment.magnitude=31", "30"]),
+    ("train.augment.stages=[teacher_pretrain]", ["train.augment.stages[0]", "teacher_pretrain"]),
+    ("train.augment.randaugment=true", ["distill.cache_teacher=true", "train.augment"]),
+    ("train.distill_finetune_tasks={nlvr2: {effective_batch: 100}}",
+     ["train.distill_finetune_tasks.nlvr2.effective_batch=100", "multiple of batch_size"]),
+    ("train.teacher_finetune_tasks={nlvr2: {epoch: 3}}",
+     ["unknown key 'train.teacher_finetune_tasks.nlvr2.epoch'", "epochs"]),
 ])
 def test_bad_values_fail_in_one_line(override, expected):
     with pytest.raises(ConfigError) as info:

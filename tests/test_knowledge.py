@@ -13,7 +13,7 @@ from vldistill.distill.losses import TokenNCE
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, patch_tokens, vilt_config
-from vldistill.train.objectives import dide_nlvr2_loss, distill_pairs, teacher_nlvr2_targets
+from vldistill.train.objectives import dide_loss, distill_pairs, teacher_targets
 
 B, H, T, I, D = 3, 2, 6, 5, 8
 TERMS = ("attn_cross", "attn_uni", "attn_all", "attn_mse", "hidden")
@@ -138,7 +138,7 @@ def test_every_knowledge_term_trains_the_student_only(teacher, kind, layers):
     extras = KnowledgeModules(set(knowledge), pairs, student.config.hidden_size, 32, 16, 0.1)
     t_layers = sorted({t for _, t in pairs})
     teacher.requires_grad_(True)  # even if trainable, the teacher must receive no gradient
-    loss_fn = dide_nlvr2_loss(recipe, pairs, lambda b: teacher_nlvr2_targets(teacher, b, t_layers, True), extras)
+    loss_fn = dide_loss(recipe, pairs, lambda b: teacher_targets(teacher, b, t_layers, True), extras)
     terms = loss_fn(student, _batch())
     assert set(terms) == set(knowledge) | {"loss"}
     assert all(torch.isfinite(v) for v in terms.values())
@@ -165,9 +165,9 @@ def test_cached_teacher_targets_match_live_ones(teacher):
     pairs = distill_pairs(recipe, 4, 4)
     student = DualEncoder.from_teacher(teacher, 16).eval()
     cached = cache_teacher_targets(teacher, Split(batch), [3], True, 8, torch.device("cpu"))
-    live = lambda b: teacher_nlvr2_targets(teacher, b, [3], True)  # noqa: E731
+    live = lambda b: teacher_targets(teacher, b, [3], True)  # noqa: E731
     with torch.no_grad():
-        a = dide_nlvr2_loss(recipe, pairs, cached)(student, batch)
-        b = dide_nlvr2_loss(recipe, pairs, live)(student, batch)
+        a = dide_loss(recipe, pairs, cached)(student, batch)
+        b = dide_loss(recipe, pairs, live)(student, batch)
     for name in ("gt", "soft", "attn_cross"):
         torch.testing.assert_close(a[name], b[name], atol=1e-3, rtol=1e-3)

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_params_text
+from conftest import ROOT, TINY_RUNS, tiny_params_text
 
 pytestmark = pytest.mark.slow
 
 TOP_LEVEL_GENERATED = {".venv", ".git", "data", "models", "metrics", "plots", "checkpoints", "mlflow.db", "mlruns",
                        ".pytest_cache", "dvc.lock"}
-DISTILL_DOWNSTREAM = {"distill_pretrain", "distill_finetune@nlvr2-dide", "distill_finetune@nlvr2-dual_gt",
-                      "evaluate@nlvr2", "benchmark", "report"}
+TASKS = ("nlvr2", "snli_ve", "vqa", "retrieval")
+DISTILL_DOWNSTREAM = {"distill_pretrain", *(f"distill_finetune@{run}" for run in TINY_RUNS),
+                      *(f"evaluate@{task}" for task in TASKS), "benchmark", "report"}
 
 
 def _copy_repo(dest: Path) -> None:
@@ -68,13 +69,21 @@ def repo(tmp_path_factory):
 def test_every_stage_ran_and_wrote_its_contract_files(repo):
     path, _, first = repo
     assert _stages_run(first.stdout) == {
-        "prepare@pretrain", "prepare@nlvr2", "prepare@snli_ve", "prepare@vqa", "prepare@retrieval", "tokenizer", "teacher_pretrain", "teacher_finetune@nlvr2",
-        *DISTILL_DOWNSTREAM}
+        "prepare@pretrain", *(f"prepare@{task}" for task in TASKS), "tokenizer", "teacher_pretrain",
+        *(f"teacher_finetune@{task}" for task in TASKS), *DISTILL_DOWNSTREAM}
     for model in ("teacher", "dual_gt", "dide"):
         scores = json.loads((path / f"metrics/eval/nlvr2/{model}.json").read_text())
         for split in ("dev", "test"):
             assert 0.0 <= scores[split]["accuracy"] <= 1.0
+    for run in TINY_RUNS.values():
+        scores = json.loads((path / f"metrics/eval/{run['task']}/{run['variant']}.json").read_text())
+        metric = {"nlvr2": "accuracy", "snli_ve": "accuracy", "vqa": "vqa_score", "retrieval": "ir_r1"}[run["task"]]
+        assert 0.0 <= scores["test"][metric] <= 1.0
+    retrieval = json.loads((path / "metrics/eval/retrieval/teacher.json").read_text())["test"]
+    assert set(retrieval) == {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "r_mean"}
+    assert retrieval["ir_r1"] <= retrieval["ir_r5"] <= retrieval["ir_r10"]
     latency = json.loads((path / "metrics/bench/latency.json").read_text())
+    assert set(latency["embedded"]) == {"nlvr2", "snli_ve", "vqa"}
     row = latency["embedded"]["nlvr2"]["1"]
     assert row["teacher_ms"] > 0 and row["dual_cached_ms"] > 0
     assert row["speedup_cached"] == pytest.approx(row["teacher_ms"] / row["dual_cached_ms"], rel=0.01)
@@ -109,9 +118,9 @@ def test_mlflow_has_one_run_per_stage_execution(repo):
         stages = [r[0] for r in db.execute("select value from tags where key = 'stage'")]
         params = db.execute("select count(*) from params").fetchone()[0]
         metrics = db.execute("select count(*) from metrics").fetchone()[0]
-    assert sorted(stages) == sorted(["prepare"] * 5 + ["tokenizer", "teacher_pretrain", "teacher_finetune",
-                                     "distill_pretrain", "distill_finetune", "distill_finetune", "evaluate",
-                                     "benchmark", "report"])
+    assert sorted(stages) == sorted(["prepare"] * 5 + ["tokenizer", "teacher_pretrain"] + ["teacher_finetune"] * 4
+                                    + ["distill_pretrain"] + ["distill_finetune"] * len(TINY_RUNS)
+                                    + ["evaluate"] * 4 + ["benchmark", "report"])
     assert params > 50 and metrics > 20
 
 

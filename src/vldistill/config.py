@@ -12,13 +12,13 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASKS = ("nlvr2",)
-"""Downstream tasks this version can run end to end (the design also names snli_ve, vqa, retrieval)."""
+TASKS = ("nlvr2", "snli_ve", "vqa", "retrieval")
+"""Downstream tasks: teacher fine-tuning, distillation and evaluation run end to end for each."""
 KNOWLEDGE = ("gt", "soft", "hidden", "attn_all", "attn_cross", "attn_uni", "attn_mse", "token_nce")
 """Every name ``distill.knowledge`` may hold."""
 IMPLEMENTED_KNOWLEDGE = KNOWLEDGE
@@ -127,6 +127,8 @@ class VqaData(OfficialSource):
     min_answer_freq: int = Field(1, ge=1, description="answers seen fewer times in train are dropped (paper: 9)")
     holdout_images: int = Field(400, ge=1, description="the last N training images form dev (paper: 1000)")
     easy_vqa_size: int = Field(48, ge=16, description="easy_vqa: images are resized to this square size")
+    max_questions: SplitSizes | None = Field(None, description="easy_vqa: keep a seeded random subset of at most this "
+                                                               "many questions per split (null: all)")
 
 
 class RetrievalData(OfficialSource):
@@ -155,10 +157,40 @@ class TokenizerParams(Strict):
 
 
 # ------------------------------------------------------------------------------------------------------- models
-class TeacherParams(Strict):
-    """The ViLT fusion encoder (transformers' ViltConfig knobs)."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+"""A Hugging Face hub model id ``owner/name`` (no revision, no sub-folder)."""
 
-    init: Literal["scratch"] = "scratch"
+
+def is_local_form(source: str) -> bool:
+    """A checkpoint source written as a path: starts with ``/ ./ ../ ~`` or has more than one ``/``."""
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+
+
+def _check_checkpoint_source(source: str) -> str:
+    """A hub id ``owner/name`` or a local ``save_pretrained`` directory (its existence is checked at load time by
+    :func:`vldistill.models.hub.check_sources`, not here: params are validated the same on every machine)."""
+    if not source.strip() or source != source.strip():
+        raise ValueError("must be a hub id 'owner/name' or a local directory written with a '/' (e.g. ./vilt)")
+    if not (HUB_ID.match(source) or is_local_form(source)):
+        raise ValueError("must be a hub id 'owner/name' (e.g. dandelin/vilt-b32-mlm) or a local directory written "
+                         "with a '/' (e.g. ./vilt)")
+    return source
+
+
+CheckpointSource = Annotated[str, AfterValidator(_check_checkpoint_source)]
+
+
+class TeacherParams(Strict):
+    """The ViLT fusion encoder (transformers' ViltConfig knobs).
+
+    ``init: scratch`` pre-trains it here (MLM + ITM); a hub id (``dandelin/vilt-b32-mlm``) or a local
+    ``save_pretrained`` directory loads that checkpoint instead (the size knobs must then match it).
+    ``finetuned`` maps a task to an already fine-tuned ViLT checkpoint used as that task's teacher; tasks left out
+    are fine-tuned by the pipeline."""
+
+    init: str = Field("scratch", description="scratch | hub id owner/name | local save_pretrained directory")
+    finetuned: dict[Literal[TASKS], CheckpointSource] = Field(
+        {}, description="task -> hub id or local directory of a fine-tuned ViLT checkpoint (teacher_finetune loads it)")
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -172,6 +204,16 @@ class TeacherParams(Strict):
     pixel_norm: Literal["unit", "vilt"] = Field(
         "unit", description="unit: x/255 (black background = 0); vilt: (x/255 - 0.5)/0.5"
     )
+
+    @field_validator("init")
+    @classmethod
+    def _init_form(cls, init: str) -> str:
+        return init if init == "scratch" else _check_checkpoint_source(init)
+
+    @field_validator("finetuned", mode="before")
+    @classmethod
+    def _finetuned_mapping(cls, finetuned):
+        return {} if finetuned is None else finetuned  # `finetuned:` with every entry commented out
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -251,18 +293,29 @@ class DistillParams(Strict):
 
 
 class VariantParams(Strict):
-    """One named student trained by ``distill_finetune@<task>@<variant>``: fields left out come from ``distill``."""
+    """One named student trained by ``distill_finetune@<task>-<variant>``: fields left out come from ``distill``
+    (recipe), ``student.kind`` (student) and ``seed``."""
 
     knowledge: list[Knowledge] | None = None
     layers: Literal["last", "layerwise"] | None = None
     stages: list[Literal["pretrain", "finetune"]] | None = None
+    student: Literal["dual", "fusion"] | None = Field(None, description="dual encoder or small fusion student")
+    seed: int | None = Field(None, ge=0, description="training seed of this variant (default: the top-level seed)")
 
     _knowledge = field_validator("knowledge")(classmethod(lambda cls, v: _check_knowledge(v)))
     _stages = field_validator("stages")(classmethod(lambda cls, v: _check_stages(v)))
 
     def resolve(self, base: DistillParams) -> DistillParams:
-        """The full distillation recipe of this variant: ``base`` with this variant's fields replaced."""
-        return DistillParams(**{**base.model_dump(), **self.model_dump(exclude_none=True)})
+        """The full distillation recipe of this variant: ``base`` with this variant's recipe fields replaced."""
+        recipe = self.model_dump(exclude_none=True, exclude={"student", "seed"})
+        return DistillParams(**{**base.model_dump(), **recipe})
+
+
+class RunParams(Strict):
+    """One fine-tuning distillation run, ``distill_finetune@<task>-<variant>`` (the key of ``runs``)."""
+
+    task: Literal[TASKS]
+    variant: str
 
 
 # -------------------------------------------------------------------------------------------------- execution
@@ -292,6 +345,8 @@ class StageBudget(Strict):
     head_lr_mult: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(25, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between resume checkpoints "
+                                         "(null: at epoch ends only; written at every epoch end anyway)")
 
     @model_validator(mode="after")
     def _accumulation_divides(self):
@@ -300,11 +355,61 @@ class StageBudget(Strict):
         return self
 
 
+class BudgetOverride(Strict):
+    """Per-task changes to a stage's :class:`StageBudget`; fields left out come from the stage's budget."""
+
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    effective_batch: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    head_lr_mult: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+    log_every: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+
+    def resolve(self, base: StageBudget) -> StageBudget:
+        """``base`` with the fields set here replaced (an explicit ``effective_batch: null`` turns accumulation off)."""
+        return StageBudget(**{**base.model_dump(), **self.model_dump(exclude_unset=True)})
+
+
+class AugmentParams(Strict):
+    """RandAugment (torchvision ``v2.RandAugment``) on the training images of the listed stages; ViLT fine-tunes
+    with N=2 ops at magnitude 9 of 30. Dev/test images and every pre-training stage are never augmented."""
+
+    randaugment: bool = False
+    num_ops: int = Field(2, ge=1, le=14, description="ops applied in sequence to each image (RandAugment's N)")
+    magnitude: int = Field(9, ge=0, le=30, description="strength of every op, on torchvision's 31 bins (M)")
+    stages: list[Literal["teacher_finetune", "distill_finetune"]] = ["teacher_finetune", "distill_finetune"]
+
+
+PER_TASK_STAGES = ("teacher_finetune", "distill_finetune")
+"""Stages whose budget may be overridden per task by ``train.<stage>_tasks.<task>``."""
+
+
 class TrainParams(Strict):
+    """One budget per training stage; ``<stage>_tasks`` overrides it per task (see :meth:`Params.budget`)."""
+
     teacher_pretrain: StageBudget = StageBudget(epochs=10, batch_size=64, lr=1e-3)
     teacher_finetune: StageBudget = StageBudget(epochs=10, batch_size=64, lr=1e-3)
     distill_pretrain: StageBudget = StageBudget(epochs=2, batch_size=64, lr=5e-4)
     distill_finetune: StageBudget = StageBudget(epochs=8, batch_size=64, lr=5e-4)
+    retrieval_negatives: int = Field(3, ge=1, description="retrieval: hard negative images per caption (ITM / soft)")
+    teacher_finetune_tasks: dict[Literal[TASKS], BudgetOverride] = {}
+    distill_finetune_tasks: dict[Literal[TASKS], BudgetOverride] = {}
+    augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _overrides_fit(self):
+        for stage in PER_TASK_STAGES:
+            for task, override in getattr(self, f"{stage}_tasks").items():
+                try:
+                    override.resolve(getattr(self, stage))
+                except ValidationError as err:
+                    message = err.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{stage}_tasks.{task}.{message} (with train.{stage})") from None
+        return self
 
 
 class BenchParams(Strict):
@@ -338,6 +443,8 @@ class Params(Strict):
     student: StudentParams = StudentParams()
     distill: DistillParams = DistillParams()
     variants: dict[str, VariantParams] = {"dide": VariantParams(), "dual_gt": VariantParams(knowledge=["gt"])}
+    runs: dict[str, RunParams] = {"nlvr2-dide": RunParams(task="nlvr2", variant="dide"),
+                                  "nlvr2-dual_gt": RunParams(task="nlvr2", variant="dual_gt")}
     fabric: FabricParams = FabricParams()
     train: TrainParams = TrainParams()
     bench: BenchParams = BenchParams()
@@ -353,6 +460,13 @@ class Params(Strict):
         for name in self.variants:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"variant name {name!r} must be letters, digits and '_'")
+        for key, run in self.runs.items():
+            if key != f"{run.task}-{run.variant}":
+                raise ValueError(f"runs: key {key!r} must be '<task>-<variant>' = {run.task}-{run.variant!r}")
+            if run.task not in self.tasks:
+                raise ValueError(f"runs.{key}: task {run.task!r} is not in tasks {list(self.tasks)}")
+            if run.variant not in self.variants:
+                raise ValueError(f"runs.{key}: variant {run.variant!r} is not in variants {sorted(self.variants)}")
         return self
 
     def variant(self, name: str) -> DistillParams:
@@ -361,16 +475,47 @@ class Params(Strict):
             raise ConfigError(f"variant {name!r} is not in variants (defined: {sorted(self.variants)})")
         return self.variants[name].resolve(self.distill)
 
+    @model_validator(mode="after")
+    def _augment_fits_cache(self):
+        augment = self.train.augment
+        if augment.randaugment and "distill_finetune" in augment.stages and self.distill.cache_teacher:
+            raise ValueError("distill.cache_teacher=true: must be false when train.augment.randaugment applies to "
+                             "distill_finetune (the teacher must see each augmented batch)")
+        return self
+
+    def budget(self, stage: str, task: str | None = None) -> StageBudget:
+        """The budget of ``stage`` (``train.<stage>``), with ``train.<stage>_tasks.<task>`` applied when set."""
+        if stage not in TrainParams.model_fields or not isinstance(getattr(self.train, stage), StageBudget):
+            raise ConfigError(f"train.{stage}: no such training stage")
+        override = getattr(self.train, f"{stage}_tasks", {}).get(task)
+        return getattr(self.train, stage) if override is None else override.resolve(getattr(self.train, stage))
+
+    def student_kind(self, variant: str) -> str:
+        """``dual`` or ``fusion``: the variant's own ``student`` or else ``student.kind``."""
+        return self.variants[variant].student or self.student.kind
+
+    def variant_seed(self, variant: str) -> int:
+        return self.seed if self.variants[variant].seed is None else self.variants[variant].seed
+
+    def task_variants(self, task: str) -> list[str]:
+        """The variants ``runs`` trains on ``task``, in the order of ``runs``."""
+        return [run.variant for run in self.runs.values() if run.task == task]
+
 
 # ------------------------------------------------------------------------------------------------------ loading
 def _allowed(model: type[BaseModel], loc: tuple) -> str:
     """Describe what may stand at ``loc`` (keys of the enclosing section) for an unknown-key error."""
     node: Any = model
+    mapping = False
     for part in loc[:-1]:
+        if mapping:  # ``part`` is a key of a mapping whose values are ``node``
+            mapping = False
+            continue
         fields = getattr(node, "model_fields", None)
         if fields is None or part not in fields:
             return ""
         node = fields[part].annotation
+        mapping = typing.get_origin(node) is dict
         for arg in typing.get_args(node) or ():
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 node = arg
@@ -391,9 +536,10 @@ def _one_line(err: ValidationError, source: str) -> str:
     if first["type"] == "missing":
         return f"{source}: {key} is required"
     message = first["msg"].removeprefix("Value error, ")
-    named = re.match(r"^(\w+)=(.+?): (.*)$", message)  # a section-level check that names its field
+    named = re.match(r"^([\w.]+)=(.+?): (.*)$", message)  # a section-level check that names its (dotted) field
     if named and first["type"] == "value_error":
-        return f"{source}: {key}.{named.group(1)}={named.group(2)}: {named.group(3)}"
+        prefix = f"{key}." if loc else ""
+        return f"{source}: {prefix}{named.group(1)}={named.group(2)}: {named.group(3)}"
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
     if len(shown) > 120:
         shown = shown[:117] + "..."

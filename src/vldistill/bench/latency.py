@@ -47,24 +47,34 @@ def summarise(times: list[float], batch: int) -> dict[str, float]:
             "repeats": len(times)}
 
 
-def nlvr2_latency(teacher, student, batch: dict, bench: BenchParams, device: str = "cpu") -> dict[str, float]:
-    """Time one NLVR2 batch (a pair of images + a statement per example) three ways:
+def task_latency(teacher, student, batch: dict, bench: BenchParams, device: str = "cpu") -> dict[str, float]:
+    """Time one batch of a classification task three ways (NLVR2: a pair of images per example; SNLI-VE, VQA: one):
 
-    - ``teacher``: two joint ViLT passes + classifier;
-    - ``dual``: text tower once, image tower on both images, fusion MLP + classifier;
+    - ``teacher``: one joint ViLT pass per image + classifier;
+    - ``dual``: text tower once, image tower per image, fusion MLP + classifier;
     - ``dual_cached``: text tower + fusion only, image [CLS] vectors precomputed (as a server with an image index).
     """
     size = batch["input_ids"].shape[0]
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    left, right = batch["pixel_values_left"], batch["pixel_values_right"]
     with torch.inference_mode():
-        cached_left = student.encode_image(left, 1).cls
-        cached_right = student.encode_image(right, 2).cls
-        runs = {
-            "teacher": lambda: teacher.nlvr2_logits(ids, mask, left, right),
-            "dual": lambda: student.nlvr2_logits(ids, mask, left, right),
-            "dual_cached": lambda: student.nlvr2_from_cls(student.encode_text(ids, mask).cls, cached_left, cached_right),
-        }
+        if "pixel_values_left" in batch:
+            left, right = batch["pixel_values_left"], batch["pixel_values_right"]
+            cached_left = student.encode_image(left, 1).cls
+            cached_right = student.encode_image(right, 2).cls
+            runs = {
+                "teacher": lambda: teacher.nlvr2_logits(ids, mask, left, right),
+                "dual": lambda: student.nlvr2_logits(ids, mask, left, right),
+                "dual_cached": lambda: student.nlvr2_from_cls(student.encode_text(ids, mask).cls, cached_left,
+                                                              cached_right),
+            }
+        else:
+            pixels = batch["pixel_values"]
+            cached = student.encode_image(pixels).cls
+            runs = {
+                "teacher": lambda: teacher.classify(ids, mask, pixels),
+                "dual": lambda: student.classify(ids, mask, pixels),
+                "dual_cached": lambda: student.classify_from_cls(student.encode_text(ids, mask).cls, cached),
+            }
         stats = {name: summarise(time_calls(fn, bench, device), size) for name, fn in runs.items()}
     out = {f"{name}_ms": round(s["median"], 4) for name, s in stats.items()}
     out |= {f"{name}_ms_mean": round(s["mean"], 4) for name, s in stats.items()}

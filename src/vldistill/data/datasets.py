@@ -2,19 +2,21 @@
 
 A split is held as whole tensors (token ids ``(N, T)``, the uint8 image store ``(M, H, W, 3)``), and a batch is a
 gather of rows, so data loading costs microseconds per example and never limits training speed. The DataLoader
-iterates over example indices; Fabric can wrap it with a distributed sampler unchanged.
+iterates over batches of example indices from :class:`EpochBatches`, which also shards them over processes (one
+optimizer step of W processes sees the examples one process would) and skips ahead to resume mid-epoch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vldistill.data.prepared import read_images, read_split
+from vldistill.data.prepared import read_answers, read_images, read_split
 
 
 def to_pixels(images: torch.Tensor, norm: str) -> torch.Tensor:
@@ -42,6 +44,72 @@ class Indices(Dataset):
         return i
 
 
+class EpochBatches(Sampler[list[int]]):
+    """Batches of example indices, one epoch at a time: the order is a function of ``(seed, epoch)`` only.
+
+    Order: with ``shuffle``, ``torch.randperm(n)`` from a generator seeded ``seed + epoch`` after one int64 draw (the
+    draw torch's DataLoader makes from its generator for the worker base seed before a ``RandomSampler`` shuffles, so
+    the order is that of ``DataLoader(shuffle=True, generator=g)`` with ``g`` reseeded per epoch, which every earlier
+    run used); else ``0..n-1``. Batches are consecutive runs of ``batch_size`` of that order.
+
+    Sharding (:meth:`shard`): the order is cut into global batches of ``batch_size * accumulate * world`` examples;
+    rank ``r`` takes the contiguous slice ``[r * batch_size * accumulate, (r + 1) * batch_size * accumulate)`` of
+    each, as ``accumulate`` batches of ``batch_size``. One optimizer step of ``world`` processes thus sees exactly the
+    examples one process sees with ``accumulate * world`` accumulation steps. ``world=1, accumulate=1`` is no sharding.
+
+    Skip-ahead (:meth:`set_epoch`): the first ``skip`` batches of the epoch are not yielded (resume mid-epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.rank, self.world, self.accumulate = 0, 1, 1
+        self.epoch, self.skip = 0, 0
+
+    def shard(self, rank: int, world: int, accumulate: int = 1) -> None:
+        """Yield only rank ``rank``'s share of each global batch of ``batch_size * accumulate * world`` examples."""
+        if not 0 <= rank < world or accumulate < 1:
+            raise ValueError(f"shard(rank={rank}, world={world}, accumulate={accumulate}): need 0 <= rank < world, "
+                             "accumulate >= 1")
+        if world > 1 and not self.drop_last:
+            raise ValueError("sharding over processes needs drop_last=True (every rank must take the same steps)")
+        self.rank, self.world, self.accumulate = rank, world, accumulate
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Iterate epoch ``epoch``'s order next, leaving out its first ``skip`` batches (of this rank)."""
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        """The epoch's order of all ``n`` example indices (the same on every rank)."""
+        if not self.shuffle:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base-seed draw, see above
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches of the epoch, before skipping: ``len(self) + skip`` lists of ``batch_size`` indices
+        (the last one shorter when ``drop_last`` is false and ``n`` is not a multiple)."""
+        order, chunk = self.order(), self.batch_size * self.accumulate
+        group = chunk * self.world
+        stop = self.n - self.n % group if self.drop_last else self.n
+        out = []
+        for start in range(0, stop, group):
+            mine = order[start + self.rank * chunk:min(start + (self.rank + 1) * chunk, stop)]
+            out += [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return out
+
+    def __iter__(self):
+        return iter(self.batches()[self.skip:])
+
+    def __len__(self) -> int:
+        group = self.batch_size * self.accumulate * self.world
+        if self.drop_last:
+            full = self.n // group * self.accumulate
+        else:  # world == 1 (see shard): every chunk of batch_size, the last one possibly short
+            full = math.ceil(self.n / self.batch_size)
+        return max(0, full - self.skip)
+
+
 @dataclass
 class EncodedSplit:
     """One prepared split in memory. ``columns`` maps batch keys to per-example tensors ``(N, ...)``; image-key
@@ -67,9 +135,12 @@ class EncodedSplit:
         return batch
 
     def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(seed)
-        return DataLoader(Indices(len(self)), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          collate_fn=self.collate, generator=generator, num_workers=0)
+        """Batches from :class:`EpochBatches` (``loader.batch_sampler``: ``set_epoch`` picks the epoch's order,
+        ``shard`` the process's share). The DataLoader gets a generator of its own so that iterating it never draws
+        from the global torch RNG (the stream dropout and masking use)."""
+        batches = EpochBatches(len(self), batch_size, shuffle, seed, drop_last)
+        return DataLoader(Indices(len(self)), batch_sampler=batches, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(seed), num_workers=0)
 
     def random_pixels(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Pixels of ``n`` images drawn uniformly from the store (ITM negatives)."""
@@ -86,5 +157,18 @@ def load_split(root: str | Path, task: str, split: str, tokenizer, max_len: int,
     columns = {"input_ids": input_ids, "attention_mask": attention_mask}
     for key in ("image", "image_left", "image_right", "label"):
         if key in frame:
-            columns[key if key != "label" else "labels"] = torch.as_tensor(frame[key].to_numpy(), dtype=torch.long)
+            columns[key if key != "label" else "labels"] = torch.as_tensor(frame[key].to_numpy().copy(), dtype=torch.long)
+    if "answers" in frame:  # VQA: soft-score targets over the answer vocabulary
+        columns["targets"] = vqa_targets(frame, read_answers(root, task))
     return EncodedSplit(columns=columns, images=images, pixel_norm=pixel_norm, texts=texts)
+
+
+def vqa_targets(frame, answers: list[str]) -> torch.Tensor:
+    """``(N, A)`` float: each question's soft score per answer of the vocabulary (0 for answers it never got)."""
+    index = {a: i for i, a in enumerate(answers)}
+    targets = torch.zeros(len(frame), len(answers))
+    for row, (names, scores) in enumerate(zip(frame["answers"], frame["scores"])):
+        for name, score in zip(names, scores):
+            if name in index:
+                targets[row, index[name]] = float(score)
+    return targets

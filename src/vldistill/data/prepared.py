@@ -12,6 +12,8 @@ image_id, question_id`` (and ``answers.json``, the answer vocabulary, beside the
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 import shutil
@@ -51,6 +53,14 @@ def read_split(root: str | Path, task: str, split: str) -> pd.DataFrame:
     if frame.empty:
         raise ValueError(f"{path}: prepared split is empty")
     return frame
+
+
+def read_answers(root: str | Path, task: str = "vqa") -> list[str]:
+    """The VQA answer vocabulary (``answers.json``): index ``a`` of a score vector is ``answers[a]``."""
+    path = Path(root) / task / "answers.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: answer vocabulary not found (run `dvc repro prepare@{task}`)")
+    return json.loads(path.read_text())
 
 
 def read_images(root: str | Path, task: str) -> np.ndarray:
@@ -170,6 +180,11 @@ def _read_easy_vqa(cfg, scene: SceneParams, seed: int) -> tuple[dict, list[np.nd
                                 "answers": [vqa_answers.normalize_answer(answer)], "scores": [1.0],
                                 "image": image_key(source_split, image_id, paths[image_id]),
                                 "image_id": f"{source_split}-{image_id}"})
+    if cfg.max_questions is not None:  # a seeded subset, kept in the original order
+        for split, limit in cfg.max_questions.model_dump().items():
+            if len(rows[split]) > limit:
+                kept = sorted(random.Random(seed).sample(range(len(rows[split])), limit))
+                rows[split] = [rows[split][i] for i in kept]
     return {split: pd.DataFrame(r) for split, r in rows.items()}, images
 
 

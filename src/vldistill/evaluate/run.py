@@ -8,7 +8,7 @@ from vldistill import paths
 from vldistill.config import Params
 from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
-from vldistill.evaluate.metrics import nlvr2_accuracy
+from vldistill.evaluate.metrics import task_metrics
 from vldistill.io import write_json
 from vldistill.models.fusion import load_student
 from vldistill.models.teacher import ViltTeacher
@@ -19,15 +19,14 @@ SPLITS = ("dev", "test")
 def models_for(task: str, params: Params) -> dict[str, object]:
     """``{"teacher": path, "<variant>": path, ...}``: the checkpoints evaluated for ``task``."""
     found = {"teacher": paths.model_dir("teacher_finetune", task)}
-    for variant in params.variants:
+    for variant in params.task_variants(task):
         found[variant] = paths.model_dir("distill_finetune", task, variant)
     return found
 
 
 def evaluate_task(params: Params, task: str) -> dict[str, dict]:
-    """Write ``metrics/eval/<task>/<model>.json = {"dev": {"accuracy": a}, "test": {...}}`` for every model."""
-    if task != "nlvr2":
-        raise ValueError(f"evaluate: task {task!r} is not implemented yet (available: nlvr2)")
+    """Write ``metrics/eval/<task>/<model>.json = {"dev": {<metric>: value}, "test": {...}}`` for every model
+    (metrics of :func:`task_metrics`: accuracy, vqa_score, or retrieval recalls over every caption and image)."""
     torch.manual_seed(params.seed)
     tokenizer = tok.load(paths.TOKENIZER)
     splits = {s: load_split(paths.PREPARED, task, s, tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
@@ -36,6 +35,7 @@ def evaluate_task(params: Params, task: str) -> dict[str, dict]:
     for name, path in models_for(task, params).items():
         model = ViltTeacher.load(path) if name == "teacher" else load_student(path)
         model.eval()
-        results[name] = {split: {"accuracy": round(nlvr2_accuracy(model, data), 6)} for split, data in splits.items()}
+        results[name] = {split: {k: round(v, 6) for k, v in task_metrics(model, data, task).items()}
+                         for split, data in splits.items()}
         write_json(paths.eval_metrics(task, name), results[name])
     return results

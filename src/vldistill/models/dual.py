@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViltConfig
+from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
 from vldistill.io import atomic_path, write_json
 from vldistill.models.teacher import ViltTeacher, patch_tokens
@@ -87,17 +88,29 @@ class ImageTower(nn.Module):
         return TowerOutput(sequence, self.pooler(sequence))
 
 
+def task_classifier(task: str, fusion_hidden: int, num_outputs: int) -> nn.Module | None:
+    """The task head over fused vectors: NLVR2 ``(B, 2F)`` (two fused pairs) → ``(B, C)``; SNLI-VE / VQA ``(B, F)`` →
+    ``(B, C)``; none for retrieval and pre-training (they score with ``itc_logits`` / ``itm_score``)."""
+    f = fusion_hidden
+    if task == "nlvr2":
+        return nn.Sequential(nn.Linear(2 * f, 2 * f), nn.LayerNorm(2 * f), nn.GELU(), nn.Linear(2 * f, num_outputs))
+    if task in ("snli_ve", "vqa"):
+        return nn.Sequential(nn.Linear(f, 2 * f), nn.LayerNorm(2 * f), nn.GELU(), nn.Linear(2 * f, num_outputs))
+    return None
+
+
 class DualEncoder(nn.Module):
     """DiDE dual encoder.
 
     - ``fuse``: MLP over ``[text_cls; image_cls]`` ``(B, 2D)`` → ``(B, F)``;
-    - ``classifier`` (NLVR2): text encoded once, fused with each image, the two fused vectors concatenated
-      ``(B, 2F)`` → ``(B, 2)``;
+    - ``classifier`` (task head, see :func:`task_classifier`): NLVR2 fuses the text with each image and classifies
+      the two fused vectors concatenated; SNLI-VE and VQA classify one fused vector;
     - ``itm_score``: ``(B, F)`` → ``(B, 2)`` on the fused vector;
-    - ``text_proj`` / ``image_proj`` + learnable ``logit_scale``: normalised embeddings for ITC / retrieval.
+    - ``text_proj`` / ``image_proj`` + learnable ``logit_scale``: normalised embeddings for ITC / retrieval;
+    - ``mlm_score`` (pre-training only): the teacher's MLM head over the text tower's sequence.
     """
 
-    def __init__(self, config: ViltConfig, fusion_hidden: int, vilt=None):
+    def __init__(self, config: ViltConfig, fusion_hidden: int, vilt=None, task: str = "nlvr2", num_outputs: int = 2):
         super().__init__()
         if vilt is None:  # structure only (weights are loaded afterwards)
             from transformers import ViltModel
@@ -105,20 +118,34 @@ class DualEncoder(nn.Module):
             vilt = ViltModel(config)
         self.config = config
         self.fusion_hidden = fusion_hidden
+        self.task, self.num_outputs = task, num_outputs
         d, f = config.hidden_size, fusion_hidden
         self.text = TextTower(vilt)
         self.image = ImageTower(vilt)
         self.fusion = nn.Sequential(nn.Linear(2 * d, f), nn.LayerNorm(f), nn.GELU())
-        self.classifier = nn.Sequential(nn.Linear(2 * f, 2 * f), nn.LayerNorm(2 * f), nn.GELU(), nn.Linear(2 * f, 2))
+        self.classifier = task_classifier(task, f, num_outputs)
         self.itm_score = nn.Linear(f, 2)
         self.text_proj = nn.Linear(d, d)
         self.image_proj = nn.Linear(d, d)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
+        self.mlm_score = ViltMLMHead(config) if task == "pretrain" else None
 
     @classmethod
-    def from_teacher(cls, teacher: ViltTeacher, fusion_hidden: int) -> "DualEncoder":
-        """Both towers initialised from the teacher's embeddings and layers (separate copies)."""
-        return cls(teacher.config, fusion_hidden, vilt=teacher.vilt)
+    def from_teacher(cls, teacher: ViltTeacher, fusion_hidden: int, task: str = "nlvr2",
+                     num_outputs: int = 2) -> "DualEncoder":
+        """Both towers initialised from the teacher's embeddings and layers (separate copies); for pre-training the
+        MLM head too, when the teacher has one."""
+        model = cls(teacher.config, fusion_hidden, vilt=teacher.vilt, task=task, num_outputs=num_outputs)
+        if model.mlm_score is not None and getattr(teacher, "mlm_score", None) is not None:
+            model.mlm_score.load_state_dict(teacher.mlm_score.state_dict())
+        return model
+
+    def with_task(self, task: str, num_outputs: int) -> "DualEncoder":
+        """This student with a fresh head for ``task`` (and no MLM head): the step from pre-training to a task."""
+        self.task, self.num_outputs = task, num_outputs
+        self.classifier = task_classifier(task, self.fusion_hidden, num_outputs)
+        self.mlm_score = None
+        return self
 
     def encode_text(self, input_ids, attention_mask) -> TowerOutput:
         return self.text(input_ids, attention_mask)
@@ -133,6 +160,14 @@ class DualEncoder(nn.Module):
     def nlvr2_from_cls(self, text_cls, left_cls, right_cls) -> torch.Tensor:
         """NLVR2 logits ``(B, 2)`` from (possibly cached) tower outputs."""
         return self.classifier(torch.cat([self.fuse(text_cls, left_cls), self.fuse(text_cls, right_cls)], dim=-1))
+
+    def classify_from_cls(self, text_cls, image_cls) -> torch.Tensor:
+        """SNLI-VE / VQA logits ``(B, C)`` from (possibly cached) tower outputs."""
+        return self.classifier(self.fuse(text_cls, image_cls))
+
+    def classify(self, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+        """SNLI-VE / VQA logits ``(B, C)``: text and image towers, one fused vector."""
+        return self.classify_from_cls(self.encode_text(input_ids, attention_mask).cls, self.encode_image(pixel_values).cls)
 
     def nlvr2_logits(self, input_ids, attention_mask, pixel_values_left, pixel_values_right) -> torch.Tensor:
         text = self.encode_text(input_ids, attention_mask)
@@ -151,7 +186,8 @@ class DualEncoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(path))
-        write_json(path / "student.json", {"kind": "dual", "fusion_hidden": self.fusion_hidden})
+        write_json(path / "student.json", {"kind": "dual", "fusion_hidden": self.fusion_hidden, "task": self.task,
+                                           "num_outputs": self.num_outputs})
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(state, str(tmp))
@@ -162,6 +198,7 @@ class DualEncoder(nn.Module):
         if not (path / "model.safetensors").is_file() or not (path / "student.json").is_file():
             raise FileNotFoundError(f"{path}: no dual-encoder checkpoint (model.safetensors + student.json) found")
         meta = json.loads((path / "student.json").read_text())
-        model = cls(ViltConfig.from_pretrained(str(path)), meta["fusion_hidden"])
+        model = cls(ViltConfig.from_pretrained(str(path)), meta["fusion_hidden"], task=meta.get("task", "nlvr2"),
+                    num_outputs=meta.get("num_outputs", 2))
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         return model

@@ -151,13 +151,16 @@ class ViltTeacher(nn.Module):
             save_file(state, str(tmp))
 
     @classmethod
-    def load(cls, path: str | Path, heads: tuple[str, ...] | None = None) -> "ViltTeacher":
+    def load(cls, path: str | Path, heads: tuple[str, ...] | None = None, num_labels: int | None = None) -> "ViltTeacher":
         """Load a teacher saved by :meth:`save`; ``heads`` selects heads (saved ones keep their weights, heads the
-        checkpoint lacks start random). A checkpoint that does not fit raises naming the keys."""
+        checkpoint lacks start random; ``num_labels`` sizes a new VQA head). A checkpoint that does not fit raises
+        naming the keys."""
         path = Path(path)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path}: no teacher checkpoint (model.safetensors) found")
         config = ViltConfig.from_pretrained(str(path))
+        if num_labels is not None:
+            config.num_labels = num_labels
         meta = json.loads((path / "heads.json").read_text())
         saved = tuple(meta["heads"])
         model = cls(config, heads or saved, tie_mlm_decoder=meta.get("tie_mlm_decoder", False))

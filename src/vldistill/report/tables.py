@@ -4,6 +4,7 @@ file makes its cells say so instead of showing a stale or typed value."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,15 @@ MODEL_LABELS = {
     "teacher": "ViLT teacher (fusion encoder)",
     "dual_gt": "Dual encoder, ground-truth labels only",
     "dide": "DiDE (distilled dual encoder)",
+    "fusion_gt": "Small fusion student, ground-truth labels only",
+    "fusion_distillvlm": "Small fusion student, DistillVLM losses",
 }
+
+TASK_METRICS = {"nlvr2": ("accuracy",), "snli_ve": ("accuracy",), "vqa": ("vqa_score",),
+                "retrieval": ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")}
+"""The metrics each task's table shows (names of ``metrics/eval/<task>/<model>.json``)."""
+METRIC_LABELS = {"accuracy": "acc.", "vqa_score": "VQA score"}
+SEED_SUFFIX = re.compile(r"_seed\d+$")
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -28,28 +37,69 @@ def _percent(value: float | None, decimals: int) -> str | None:
     return None if value is None else f"{100 * value:.{decimals}f}"
 
 
+def label(model: str) -> str:
+    """Readable name of a model; seed replicas (``<variant>_seed<k>``) say which seed they are."""
+    base = SEED_SUFFIX.sub("", model)
+    seed = model[len(base) + len("_seed"):] if base != model else None
+    return MODEL_LABELS.get(base, base) + (f" (seed {seed})" if seed else "")
+
+
 def main_results(metrics_dir: str | Path, task: str, models: list[str], decimals: int = 1,
-                 batch_size: int = 1) -> pd.DataFrame:
-    """Rows: models; columns: dev / test accuracy (%) and ms per example (uncached and with cached images).
+                 batch_size: int = 1, fusion_students: frozenset[str] = frozenset()) -> pd.DataFrame:
+    """Rows: models; columns: the task's metrics (%) on dev and test (retrieval: test only), and ms per example
+    (uncached and with cached images) where the task is timed.
 
     Latency comes from ``metrics/bench/latency.json`` (teacher, and the DiDE student's architecture, shared by every
-    dual-encoder variant)."""
+    dual-encoder variant; fusion students are not timed there)."""
     metrics_dir = Path(metrics_dir)
     latency_path = metrics_dir / "bench" / "latency.json"
     latency = read_json(latency_path)
     bench = ((latency or {}).get("embedded", {}).get(task, {}) or {}).get(str(batch_size))
+    splits = ("test",) if task == "retrieval" else ("dev", "test")
     rows = []
     for model in models:
         path = metrics_dir / "eval" / task / f"{model}.json"
         scores = read_json(path)
-        row = {"model": MODEL_LABELS.get(model, model)}
+        row = {"model": label(model)}
+        for split in splits:
+            for metric in TASK_METRICS[task]:
+                value = None if scores is None else scores.get(split, {}).get(metric)
+                row[f"{split} {METRIC_LABELS.get(metric, metric)} (%)"] = _percent(value, decimals) or missing(path)
+        if task != "retrieval":
+            ms, cached = f"ms/example (batch {batch_size})", f"ms/example, images cached (batch {batch_size})"
+            if not bench:
+                row[ms] = row[cached] = missing(latency_path)
+            elif model == "teacher":
+                row[ms], row[cached] = f"{bench['teacher_ms']:.3f}", "n/a (fusion)"
+            elif model in fusion_students:
+                row[ms] = row[cached] = "not timed (fusion student)"
+            else:
+                row[ms], row[cached] = f"{bench['dual_ms']:.3f}", f"{bench['dual_cached_ms']:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def seed_summary(metrics_dir: str | Path, task: str, models: list[str], decimals: int = 1) -> pd.DataFrame:
+    """Mean ± sample std over seed replicas (``<variant>`` and ``<variant>_seed<k>``) of the task's first metric on
+    dev and test; one row per variant with its number of seeds (std shown only with ≥ 2 seeds)."""
+    groups: dict[str, list[str]] = {}
+    for model in models:
+        groups.setdefault(SEED_SUFFIX.sub("", model), []).append(model)
+    metric = TASK_METRICS[task][0]
+    rows = []
+    for base, members in groups.items():
+        row = {"model": label(base), "seeds": str(len(members))}
         for split in ("dev", "test"):
-            value = None if scores is None else scores.get(split, {}).get("accuracy")
-            row[f"{task} {split} acc. (%)"] = _percent(value, decimals) or missing(path)
-        key = "teacher_ms" if model == "teacher" else "dual_ms"
-        row[f"ms/example (batch {batch_size})"] = (f"{bench[key]:.3f}" if bench else missing(latency_path))
-        row[f"ms/example, images cached (batch {batch_size})"] = (
-            "n/a (fusion)" if model == "teacher" else f"{bench['dual_cached_ms']:.3f}" if bench else missing(latency_path))
+            values = [((read_json(Path(metrics_dir) / "eval" / task / f"{m}.json") or {}).get(split, {})).get(metric)
+                      for m in members]
+            found = pd.Series([100 * v for v in values if v is not None], dtype=float)
+            name = f"{split} {METRIC_LABELS.get(metric, metric)} (%)"
+            if len(found) < len(members):
+                row[name] = missing(f"metrics/eval/{task}/ for {len(members) - len(found)} of {members}")
+            elif len(found) > 1:
+                row[name] = f"{found.mean():.{decimals}f} ± {found.std():.{decimals}f}"
+            else:
+                row[name] = f"{found.mean():.{decimals}f}"
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 
@@ -71,12 +121,11 @@ def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, t
 
     fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, frame in frames.items():
-        label = MODEL_LABELS.get(name, name)
         if f"dev_{metric}" in frame:
             dev = frame.dropna(subset=[f"dev_{metric}"])
-            ax_dev.plot(dev["step"], 100 * dev[f"dev_{metric}"], marker="o", label=label)
+            ax_dev.plot(dev["step"], 100 * dev[f"dev_{metric}"], marker="o", label=label(name))
         train = frame.dropna(subset=["loss"])
-        ax_loss.plot(train["step"], train["loss"], label=label, alpha=0.8)
+        ax_loss.plot(train["step"], train["loss"], label=label(name), alpha=0.8)
     ax_dev.set(xlabel="optimizer step", ylabel=f"dev {metric} (%)", title=f"{title}: dev {metric}")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (weighted sum)", title=f"{title}: training loss",
                 yscale="log")

@@ -1,31 +1,45 @@
 """The one training loop every training stage shares (Lightning Fabric).
 
-    for epoch:                                   # seeds set per epoch, so a resumed run replays the same stream
+    for epoch:                                   # order of batches and random streams fixed by (seed, epoch)
         for batch: terms = model(batch)          # dict of loss terms, "loss" = weighted sum
                    backward (accumulated to effective_batch), clip, AdamW step, schedule step
+                   every checkpoint_every steps: checkpoint(..., position in the epoch, RNG states)
         dev = evaluate_fn(model)                 # the model kept for test is the best on dev, never on test
         checkpoint(model, optimizer, scheduler, epoch, best, curve)
 
-Checkpoints live outside DVC's outputs (``checkpoints/<stage>/...``) so that a rerun of an interrupted stage resumes
-from the last finished epoch; they carry a fingerprint of the stage's inputs and are ignored when it differs.
+Resume by step: ``checkpoints/<stage>/.../last.ckpt`` (outside DVC's outputs, written atomically) holds the model,
+optimizer, scheduler, epoch, step, the number of batches consumed in the current epoch, every process's RNG states
+(torch CPU/CUDA, python, numpy) and loss sums not logged yet, the best-so-far state and the history. A rerun of an
+interrupted stage replays the epoch's order (:class:`~vldistill.data.datasets.EpochBatches` is seeded
+``seed + epoch``), skips the batches already consumed and restores the RNG states, so it ends with the weights,
+metrics and curve of an uninterrupted run (bit for bit on CPU). A checkpoint carries a fingerprint of the stage's
+inputs and is ignored when it differs.
+
+Several processes (``fabric.devices`` > 1, ``strategy: ddp``): each optimizer step consumes one global batch of
+``effective_batch`` examples of the same permutation one process would use, rank ``r`` taking its contiguous slice,
+so W processes take the optimizer steps of one process with the same effective batch (up to float summation order).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
+import random
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from lightning_fabric import Fabric
 from tqdm import tqdm
 
 from vldistill.config import FabricParams, StageBudget
+from vldistill.data.datasets import EpochBatches
 from vldistill.io import atomic_path
 from vldistill.train.optim import param_groups, warmup_linear
 from vldistill.train.tracking import Tracker
@@ -37,7 +51,8 @@ def make_fabric(params: FabricParams, seed: int) -> Fabric:
     """Fabric from ``fabric.*``; launched (processes spawned under ddp when not already under torchrun/SLURM)."""
     fabric = Fabric(accelerator=params.accelerator, devices=params.devices, num_nodes=params.num_nodes,
                     strategy=params.strategy, precision=params.precision)
-    fabric.launch()
+    if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the CLI has launched the processes already
+        fabric.launch()
     fabric.seed_everything(seed, workers=True, verbose=False)
     return fabric
 
@@ -88,49 +103,52 @@ def fit(
 
     ``model(batch)`` returns the loss terms ``{"loss": total, <term>: value}`` (see
     :class:`vldistill.train.objectives.Objective`); every term is checked to be finite at every step.
+    ``train_loader`` is best an :meth:`EncodedSplit.loader <vldistill.data.datasets.EncodedSplit.loader>`: its
+    :class:`~vldistill.data.datasets.EpochBatches` is sharded here, so W processes take the optimizer steps one
+    process takes with the same effective batch. Any other DataLoader gets Fabric's distributed sampler.
+    A checkpoint is written every ``budget.checkpoint_every`` optimizer steps (if set) and at every epoch end.
     """
     ckpt_path = Path(ckpt_dir) / "last.ckpt"
-    world = fabric.world_size
+    rank, world = fabric.global_rank, fabric.world_size
+    if budget.effective_batch and budget.effective_batch % (budget.batch_size * world):
+        raise ValueError(f"effective_batch={budget.effective_batch}: must be a multiple of batch_size x processes = "
+                         f"{budget.batch_size} x {world}")
     accumulate = max(1, (budget.effective_batch or budget.batch_size) // (budget.batch_size * world))
-    steps_per_epoch = max(1, len(train_loader) // accumulate)
+    batches = train_loader.batch_sampler if isinstance(train_loader.batch_sampler, EpochBatches) else None
+    if batches is not None:
+        batches.shard(rank, world, accumulate)
+    loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=world > 1 and batches is None)
+    steps_per_epoch = max(1, len(loader) // accumulate)
     total_steps = steps_per_epoch * budget.epochs
 
     optimizer = torch.optim.AdamW(param_groups(model, budget, head_prefixes), lr=budget.lr)
     scheduler = warmup_linear(optimizer, total_steps, budget.warmup_ratio)
     model, optimizer = fabric.setup(model, optimizer)
-    loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=world > 1)
 
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "step": 0,
-             "best": {"epoch": -1, "value": -math.inf, "dev": {}}, "history": [], "fingerprint": fingerprint}
-    best_state = None
-    if ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") == fingerprint:
-            fabric.load(ckpt_path, state)
-            best_state = saved.get("best_model")
-            fabric.print(f"resuming from {ckpt_path} after epoch {state['epoch']} (step {state['step']})")
-        else:
-            fabric.print(f"ignoring {ckpt_path}: it was written for different inputs")
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "step": 0, "batch": 0,
+             "best": {"epoch": -1, "value": -math.inf, "dev": {}}, "history": [], "ranks": [],
+             "fingerprint": fingerprint}
+    best_state = _resume(fabric, ckpt_path, state)
 
     bar = tqdm(total=total_steps, initial=state["step"], desc=str(curve_path), disable=not fabric.is_global_zero,
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for epoch in range(state["epoch"], budget.epochs):
-        torch.manual_seed(seed + 1000 * epoch + fabric.global_rank)  # dropout/masking stream, replayable on resume
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        if getattr(train_loader, "generator", None) is not None:
-            train_loader.generator.manual_seed(seed + epoch)
+        skip = state["batch"]  # > 0 only in the epoch a step checkpoint was resumed from
+        epoch_batches = _epoch_batches(loader, train_loader, batches, epoch, seed, skip)
+        torch.manual_seed(seed + 1000 * epoch + rank)  # dropout/masking stream, replayable on resume
+        window = _empty_window()  # loss terms summed since the last logged row, and the optimizer steps they span
+        if skip:  # where this process of the interrupted run was after batch ``skip``
+            _set_rng_state(state["ranks"][rank]["rng"])
+            window = state["ranks"][rank]["window"]
         model.train()
-        running: dict[str, float] = {}
-        window = 0  # optimizer steps accumulated in ``running`` since the last logged row
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(epoch_batches, start=skip):
             is_step = (i + 1) % accumulate == 0
             with fabric.no_backward_sync(model, enabled=not is_step):
                 terms = model(batch)
                 _check_finite(terms, state["step"])
                 fabric.backward(terms["loss"] / accumulate)
             for k, v in terms.items():
-                running[k] = running.get(k, 0.0) + float(v.detach()) / accumulate
+                window["terms"][k] = window["terms"].get(k, 0.0) + float(v.detach()) / accumulate
             if not is_step:
                 continue
             fabric.clip_gradients(model, optimizer, max_norm=budget.grad_clip)
@@ -138,18 +156,20 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state["step"] += 1
-            window += 1
+            window["steps"] += 1
             bar.update(1)
             if state["step"] % budget.log_every == 0:
-                row = {"step": state["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                       **{k: v / window for k, v in running.items()}}
-                running, window = {}, 0
+                row = _log_row(fabric, window, state["step"], epoch, scheduler.get_last_lr()[0])
+                window = _empty_window()
                 state["history"].append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if tracker:
                     tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, state["step"])
             if state["step"] >= steps_per_epoch * (epoch + 1):
                 break
+            if budget.checkpoint_every and state["step"] % budget.checkpoint_every == 0:
+                state["batch"], state["ranks"] = i + 1, _per_rank(fabric, window)
+                _save_checkpoint(fabric, ckpt_path, state, best_state)
         model.eval()
         dev = evaluate_fn(model)
         dev_row = {"step": state["step"], "epoch": epoch, **{f"dev_{k}": v for k, v in dev.items()}}
@@ -160,7 +180,7 @@ def fit(
         if dev[monitor] > state["best"]["value"]:
             state["best"] = {"epoch": epoch, "value": dev[monitor], "dev": dev}
             best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        state["epoch"] = epoch + 1
+        state["epoch"], state["batch"], state["ranks"] = epoch + 1, 0, _per_rank(fabric, _empty_window())
         if fabric.is_global_zero:
             write_curve(Path(curve_path), state["history"])
         _save_checkpoint(fabric, ckpt_path, state, best_state)
@@ -168,6 +188,94 @@ def fit(
     result = FitResult(best_state=best_state, best_epoch=state["best"]["epoch"], best_dev=state["best"]["dev"],
                        history=state["history"], steps=state["step"])
     return result
+
+
+def _empty_window() -> dict:
+    return {"terms": {}, "steps": 0}
+
+
+def _log_row(fabric: Fabric, window: dict, step: int, epoch: int, lr: float) -> dict:
+    """One curve row: each loss term averaged over the window's optimizer steps (and over processes, which makes it
+    the number one process with the same effective batch would log)."""
+    terms = {k: v / window["steps"] for k, v in window["terms"].items()}
+    if fabric.world_size > 1:
+        reduced = fabric.all_reduce({k: torch.tensor(v, dtype=torch.float64, device=fabric.device)
+                                     for k, v in terms.items()}, reduce_op="mean")
+        terms = {k: float(v) for k, v in reduced.items()}
+    return {"step": step, "epoch": epoch, "lr": lr, **terms}
+
+
+def _epoch_batches(loader, train_loader, batches: EpochBatches | None, epoch: int, seed: int, skip: int):
+    """Epoch ``epoch``'s batches (order fixed by ``seed`` and ``epoch``) from the ``skip``-th on, on the device.
+
+    :class:`EpochBatches` skips by index; another DataLoader (sampler epoch / generator reseeded, as before) has
+    its first ``skip`` batches drawn and dropped. Fabric's own per-iteration ``set_epoch`` reaches only
+    ``loader.sampler``, never the batch sampler, so the epoch set here is the one iterated.
+    """
+    if batches is not None:
+        batches.set_epoch(epoch, skip)
+        return loader
+    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if getattr(train_loader, "generator", None) is not None:
+        train_loader.generator.manual_seed(seed + epoch)
+    return itertools.islice(loader, skip, None)
+
+
+def _resume(fabric: Fabric, path: Path, state: dict):
+    """Load ``last.ckpt`` into ``state`` if it was written for these inputs; return the best model state it holds.
+
+    A mid-epoch checkpoint (``batch`` > 0) resumes only with the process count that wrote it (its data position,
+    random streams and unlogged loss sums are per process); an epoch-end one resumes with any.
+    """
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("fingerprint") != state["fingerprint"]:
+        fabric.print(f"ignoring {path}: it was written for different inputs")
+        return None
+    if saved.get("batch") and len(saved.get("ranks", [])) != fabric.world_size:
+        fabric.print(f"ignoring {path}: written mid-epoch by {len(saved['ranks'])} processes, this run has "
+                     f"{fabric.world_size}")
+        return None
+    fabric.load(path, state)
+    fabric.print(f"resuming from {path} at epoch {state['epoch']}, batch {state['batch']} (step {state['step']})")
+    return saved.get("best_model")
+
+
+def _rng_state() -> dict:
+    """This process's random streams (torch CPU and CUDA, python ``random``, numpy) as tensors and plain values, so
+    that a checkpoint holding them still loads with ``weights_only=True``."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                            "pos": int(numpy_state["state"]["pos"])}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    """Inverse of :func:`_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": state["numpy"]["state"]["key"].numpy().astype(np.uint32),
+                            "pos": state["numpy"]["state"]["pos"]}
+    np.random.set_state(numpy_state)
+
+
+def _per_rank(fabric: Fabric, window: dict) -> list[dict]:
+    """Every process's ``{"rng": _rng_state(), "window": window}`` (its loss sums not logged yet), indexed by global
+    rank (a collective when there are several)."""
+    mine = {"rng": _rng_state(), "window": window}
+    if fabric.world_size == 1:
+        return [mine]
+    states = [None] * fabric.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from vldistill.distill.knowledge import (ATTENTION_TERMS, STATE_TERMS, Knowledge
                                          fusion_views, knowledge_terms)
 from vldistill.models.dual import DualEncoder
 from vldistill.models.teacher import ViltTeacher
+from vldistill.train import tasks
 
 
 class Objective(nn.Module):
@@ -95,12 +96,20 @@ def teacher_pretrain_loss(mask_id: int, vocab_size: int, special_ids: list[int])
     return loss_fn
 
 
-def nlvr2_gt_loss(model, batch: dict) -> dict[str, torch.Tensor]:
-    """Cross-entropy of NLVR2 logits; works for the teacher and for the dual encoder (same ``nlvr2_logits``)."""
-    logits = model.nlvr2_logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values_left"],
-                                batch["pixel_values_right"])
-    ce = losses.ground_truth(logits, batch["labels"])
-    return {"loss": ce, "gt": ce}
+def teacher_task_loss(task: str, negatives: int = 3):
+    """Fine-tuning loss of a fusion encoder (the teacher) on ``task``: ``gt`` of :func:`tasks.ground_truth` on the
+    task logits; retrieval: CE over the rank scores of each caption with its own image and ``negatives`` hard
+    negatives (ViLT's IRTR recipe)."""
+
+    def loss_fn(model, batch: dict) -> dict[str, torch.Tensor]:
+        if task == "retrieval":
+            scores = fusion_rank_outputs(model, batch, tasks.candidates(batch, negatives), [], False)["scores"]
+            ce = losses.ground_truth(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
+        else:
+            ce = tasks.ground_truth(fusion_outputs(model, batch, [], False)["logits"], batch)
+        return {"loss": ce, "gt": ce}
+
+    return loss_fn
 
 
 # -------------------------------------------------------------------------------------------- distillation
@@ -113,16 +122,16 @@ def needs_views(knowledge) -> bool:
     return bool(set(knowledge) & {*ATTENTION_TERMS, *STATE_TERMS})
 
 
-def fusion_nlvr2_outputs(model: ViltTeacher, batch: dict, layers: list[int], views: bool, states: bool = True) -> dict:
-    """NLVR2 through a fusion encoder (the teacher, or a small fusion student): two joint passes (image types 1, 2),
-    pooled outputs concatenated → ``logits (B,2)``; when ``views``, one ``{layer: LayerView}`` per image pass (Q/K
-    and hidden states of the joint sequence, split at the text length)."""
+def fusion_outputs(model: ViltTeacher, batch: dict, layers: list[int], views: bool, states: bool = True) -> dict:
+    """A task through a fusion encoder (the teacher, or a small fusion student): one joint pass per image (NLVR2: two,
+    image types 1 and 2, pooled outputs concatenated) → ``classifier`` → ``logits (B, C)``; when ``views``, one
+    ``{layer: LayerView}`` per image pass (Q/K and hidden states of the joint sequence, split at the text length)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     heads, text_len = model.config.num_attention_heads, ids.shape[1]
     pooled, all_views = [], []
-    for side, type_idx in (("pixel_values_left", 1), ("pixel_values_right", 2)):
+    for key, type_idx in tasks.image_passes(batch):
         (_, p), v = fusion_views(model.vilt.encoder.layer,
-                                 lambda side=side, t=type_idx: model.encode(ids, mask, batch[side], image_token_type_idx=t),
+                                 lambda key=key, t=type_idx: model.encode(ids, mask, batch[key], image_token_type_idx=t),
                                  layers if views else [], heads, text_len, want_states=states)
         pooled.append(p)
         all_views.append(v)
@@ -130,41 +139,49 @@ def fusion_nlvr2_outputs(model: ViltTeacher, batch: dict, layers: list[int], vie
 
 
 @torch.no_grad()
-def teacher_nlvr2_targets(teacher: ViltTeacher, batch: dict, layers: list[int], views: bool,
-                          states: bool = True) -> dict:
-    """The frozen teacher's NLVR2 knowledge for a batch (no gradients): see :func:`fusion_nlvr2_outputs`."""
-    return fusion_nlvr2_outputs(teacher, batch, layers, views, states)
+def teacher_targets(teacher: ViltTeacher, batch: dict, layers: list[int], views: bool, states: bool = True) -> dict:
+    """The frozen teacher's knowledge for a batch (no gradients): see :func:`fusion_outputs`."""
+    return fusion_outputs(teacher, batch, layers, views, states)
 
 
-def student_nlvr2_outputs(student, batch: dict, layers: list[int], views: bool) -> dict:
-    """A student's NLVR2 logits ``(B,2)`` and, when ``views``, its ``{layer: LayerView}`` per image pass.
+def student_outputs(student, batch: dict, layers: list[int], views: bool) -> dict:
+    """A student's task logits ``(B, C)`` and, when ``views``, its ``{layer: LayerView}`` per image pass.
 
     Dual encoder: text tower once, image tower per image; its view joins the text tower's and the image tower's
-    Q/K and states (what DiDE aligns with the teacher). Fusion student: two joint passes, as the teacher.
+    Q/K and states (what DiDE aligns with the teacher). Fusion student: joint passes, as the teacher.
     """
     if isinstance(student, ViltTeacher):  # small fusion student
-        return fusion_nlvr2_outputs(student, batch, layers, views)
+        return fusion_outputs(student, batch, layers, views)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     heads = student.config.num_attention_heads
     wanted = layers if views else []
     with capture_qk(student.text.layer, wanted, heads) as text_qk, capture_hidden(student.text.layer, wanted) as text_h:
         text = student.encode_text(ids, mask)
     images, all_views = [], []
-    for side, type_idx in (("pixel_values_left", 1), ("pixel_values_right", 2)):
+    for key, type_idx in tasks.image_passes(batch):
         with capture_qk(student.image.layer, wanted, heads) as image_qk, \
                 capture_hidden(student.image.layer, wanted) as image_h:
-            images.append(student.encode_image(batch[side], type_idx))
+            images.append(student.encode_image(batch[key], type_idx))
         all_views.append(dual_views(text_qk, text_h, image_qk, image_h, wanted))
-    logits = student.nlvr2_from_cls(text.cls, images[0].cls, images[1].cls)
+    if len(images) == 2:
+        logits = student.nlvr2_from_cls(text.cls, images[0].cls, images[1].cls)
+    else:
+        logits = student.classify_from_cls(text.cls, images[0].cls)
     return {"logits": logits, "views": all_views}
 
 
-def dide_nlvr2_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher_fn: Callable[[dict], dict] | None,
-                    modules: KnowledgeModules | None = None):
-    """Fine-tuning distillation on NLVR2: ``Σ_k w_k L_k`` over ``recipe.knowledge`` with
+def _weighted(terms: dict[str, torch.Tensor], weights) -> dict[str, torch.Tensor]:
+    terms["loss"] = sum(getattr(weights, k, 1.0) * v for k, v in terms.items())
+    return terms
 
-    - ``gt``: CE(student logits, labels);
-    - ``soft``: τ²·KL(teacher ‖ student) of the pair logits;
+
+def dide_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher_fn: Callable[[dict], dict] | None,
+              modules: KnowledgeModules | None = None):
+    """Fine-tuning distillation on a classification task (nlvr2, snli_ve, vqa): ``Σ_k w_k L_k`` over
+    ``recipe.knowledge`` with
+
+    - ``gt``: :func:`tasks.ground_truth` of the student logits (CE, or VQA's BCE on soft scores);
+    - ``soft``: :func:`tasks.soft_labels` (τ²·KL(teacher ‖ student), or VQA's BCE against the teacher's sigmoid);
     - attention / state terms (``attn_cross``, ``attn_uni``, ``attn_all``, ``attn_mse``, ``hidden``, ``token_nce``):
       :func:`vldistill.distill.knowledge.knowledge_terms` on each image pass and layer pair, averaged.
 
@@ -172,36 +189,112 @@ def dide_nlvr2_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher
     """
     knowledge = set(recipe.knowledge)
     student_layers = sorted({s for s, _ in pairs})
-    weights = recipe.weights
     views = needs_views(knowledge)
 
     def loss_fn(student, batch: dict) -> dict[str, torch.Tensor]:
-        out = student_nlvr2_outputs(student, batch, student_layers, views)
+        out = student_outputs(student, batch, student_layers, views)
         terms: dict[str, torch.Tensor] = {}
         if "gt" in knowledge:
-            terms["gt"] = losses.ground_truth(out["logits"], batch["labels"])
+            terms["gt"] = tasks.ground_truth(out["logits"], batch)
         target = teacher_fn(batch) if knowledge - {"gt"} else None
         if "soft" in knowledge:
-            terms["soft"] = losses.soft_labels(out["logits"], target["logits"], recipe.temperature)
+            terms["soft"] = tasks.soft_labels(out["logits"], target["logits"], batch, recipe.temperature)
         if views:
             terms |= knowledge_terms(knowledge, pairs, out["views"], target["views"], batch["attention_mask"], modules)
-        terms["loss"] = sum(getattr(weights, k) * v for k, v in terms.items())
-        return terms
+        return _weighted(terms, recipe.weights)
 
     return loss_fn
 
 
-def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTeacher | None):
-    """Minimal DiDE pre-training distillation on image–caption pairs (the dual student has the teacher's depth:
-    student layer l learns from teacher layer l):
+# --------------------------------------------------------------------------------------------------- retrieval
+def fusion_rank_outputs(model: ViltTeacher, batch: dict, cands: torch.Tensor, layers: list[int], views: bool,
+                        states: bool = True) -> dict:
+    """Rank scores of a fusion encoder for each caption against its candidate images ``cands (B, 1+K)`` (own image
+    first) → ``scores (B, 1+K)``; ``views`` of the matched pass only (``[{layer: LayerView}]``)."""
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    heads, text_len = model.config.num_attention_heads, ids.shape[1]
+    (_, pooled), matched_views = fusion_views(model.vilt.encoder.layer, lambda: model.encode(ids, mask, pixels),
+                                              layers if views else [], heads, text_len, want_states=states)
+    negatives = cands[:, 1:]
+    k = negatives.shape[1]
+    _, neg_pooled = model.encode(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), pixels[negatives.flatten()])
+    scores = torch.cat([model.rank_output(pooled), model.rank_output(neg_pooled).view(len(ids), k)], dim=1)
+    return {"scores": scores, "views": [matched_views]}
 
-    - ITC: symmetric in-batch contrastive CE over ``itc_logits`` (learnable temperature);
-    - ITM: CE of ``itm_score(fuse(text, image))`` on matched pairs and in-batch rolled negatives (``gt``);
-    - ``soft``: τ²·KL(teacher ITM ‖ student ITM) on the same pairs;
-    - ``attn_cross``: cross-modal attention KL at the chosen layers on the matched pairs only.
+
+def retrieval_distill_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher: ViltTeacher | None,
+                           negatives: int, modules: KnowledgeModules | None = None):
+    """Fine-tuning distillation on image–text retrieval. Each caption is scored against its own image and
+    ``negatives`` hard negatives from the batch (:func:`tasks.candidates`), by the teacher (ITM rank scores) and by
+    the student:
+
+    - dual encoder: ``gt`` = symmetric in-batch contrastive CE of ``itc_logits`` (captions of the same image are all
+      positives); ``soft`` = τ²·KL(softmax teacher scores ‖ softmax student similarities) over the candidates;
+    - fusion student: ``gt`` = CE of its rank scores over the candidates (positive first); ``soft`` as above;
+    - attention / state terms on the matched pairs only (the teacher would be quadratic otherwise).
     """
     knowledge = set(recipe.knowledge)
-    weights = recipe.weights
+    student_layers = sorted({s for s, _ in pairs})
+    teacher_layers = sorted({t for _, t in pairs})
+    views = needs_views(knowledge)
+
+    def loss_fn(student, batch: dict) -> dict[str, torch.Tensor]:
+        cands = tasks.candidates(batch, negatives)
+        terms: dict[str, torch.Tensor] = {}
+        if isinstance(student, ViltTeacher):
+            out = fusion_rank_outputs(student, batch, cands, student_layers, views)
+            scores, s_views = out["scores"], out["views"]
+            if "gt" in knowledge:
+                terms["gt"] = losses.ground_truth(scores, torch.zeros(len(scores), dtype=torch.long,
+                                                                      device=scores.device))
+        else:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            heads, wanted = student.config.num_attention_heads, student_layers if views else []
+            with capture_qk(student.text.layer, wanted, heads) as text_qk, \
+                    capture_hidden(student.text.layer, wanted) as text_h:
+                text = student.encode_text(ids, mask)
+            with capture_qk(student.image.layer, wanted, heads) as image_qk, \
+                    capture_hidden(student.image.layer, wanted) as image_h:
+                image = student.encode_image(batch["pixel_values"], 1)
+            s_views = [dual_views(text_qk, text_h, image_qk, image_h, wanted)]
+            itc = student.itc_logits(text.cls, image.cls)
+            scores = itc.gather(1, cands)
+            if "gt" in knowledge:
+                terms["gt"] = contrastive(itc, batch["image"])
+        if knowledge - {"gt"}:
+            with torch.no_grad():
+                target = fusion_rank_outputs(teacher, batch, cands, teacher_layers, views, states=bool(
+                    knowledge & set(STATE_TERMS)))
+            if "soft" in knowledge:
+                terms["soft"] = losses.soft_labels(scores, target["scores"], recipe.temperature)
+            if views:
+                terms |= knowledge_terms(knowledge, pairs, s_views, target["views"], batch["attention_mask"], modules)
+        return _weighted(terms, recipe.weights)
+
+    return loss_fn
+
+
+def contrastive(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch contrastive CE of ``logits (B_text, B_image)``; rows and columns whose examples show the same
+    image (``images (B,)`` store keys) are all positives, with equal target mass."""
+    same = (images[:, None] == images[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets.T)) / 2
+
+
+def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTeacher | None,
+                       masker: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """DiDE pre-training distillation on image–caption pairs (the dual student has the teacher's depth: student
+    layer l learns from teacher layer l):
+
+    - ``itc``: symmetric in-batch contrastive CE over ``itc_logits`` (learnable temperature), :func:`contrastive`;
+    - ``gt``: ITM, CE of ``itm_score(fuse(text, image))`` on matched pairs and in-batch rolled negatives;
+    - ``soft``: τ²·KL(teacher ITM ‖ student ITM) on the same pairs;
+    - ``attn_cross``: cross-modal attention KL at the chosen layers on the matched pairs only;
+    - ``mlm`` (when ``masker`` is given): CE of the text tower's MLM head on 15% masked tokens (ground-truth labels;
+      ``masker(ids, mask) → (masked ids, labels)``, see :func:`mask_tokens`).
+    """
+    knowledge = set(recipe.knowledge)
     use_attn = "attn_cross" in knowledge and teacher is not None
     wanted = layers if use_attn else []
 
@@ -212,14 +305,15 @@ def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTe
             text = student.encode_text(ids, mask)
         with capture_qk(student.image.layer, wanted, heads) as image_qk:
             image = student.encode_image(batch["pixel_values"], 1)
-        logits = student.itc_logits(text.cls, image.cls)
-        same = (batch["image"][:, None] == batch["image"][None, :]).float()
-        targets = same / same.sum(dim=1, keepdim=True)  # captions of the same image are all positives
-        itc = (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets.T)) / 2
+        terms = {"itc": contrastive(student.itc_logits(text.cls, image.cls), batch["image"])}
         pixels, itm_labels, swapped = itm_pairs(batch)
         neg_cls = torch.where(swapped[:, None], image.cls.roll(1, dims=0), image.cls)
         itm_logits = student.itm_score(student.fuse(text.cls, neg_cls))
-        terms = {"itc": itc, "gt": nn.functional.cross_entropy(itm_logits, itm_labels)}
+        terms["gt"] = nn.functional.cross_entropy(itm_logits, itm_labels)
+        if masker is not None:
+            masked, labels = masker(ids, mask)
+            mlm_logits = student.mlm_score(student.encode_text(masked, mask).sequence)
+            terms["mlm"] = nn.functional.cross_entropy(mlm_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         if teacher is not None and knowledge & {"soft", "attn_cross"}:
             with torch.no_grad():
                 _, pooled = teacher.encode(ids, mask, pixels)
@@ -234,8 +328,7 @@ def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTe
                 s_views = dual_views(text_qk, {}, image_qk, {}, layers)
                 terms |= knowledge_terms({"attn_cross"}, [(layer, layer) for layer in layers], [s_views], [t_views],
                                          mask)
-        terms["loss"] = terms["itc"] + sum(getattr(weights, k) * v for k, v in terms.items() if k != "itc")
-        return terms
+        return _weighted(terms, recipe.weights)
 
     return loss_fn
 
@@ -252,10 +345,11 @@ def cache_teacher_targets(teacher: ViltTeacher, split, layers: list[int], attent
     ``t2i (N,H,T,I)``, ``i2t (N,H,I,T)`` (float16, to halve the memory). Exact for a deterministic teacher and
     unaugmented inputs; only for knowledge within :data:`CACHEABLE`."""
     teacher.eval()
-    logits, maps = [], {(side, layer): ([], []) for side in (0, 1) for layer in layers}
+    logits, maps, passes = [], {(side, layer): ([], []) for side in (0, 1) for layer in layers}, 1
     for batch in split.loader(batch_size, shuffle=False, seed=0):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = teacher_nlvr2_targets(teacher, batch, layers, attention, states=False)
+        out = teacher_targets(teacher, batch, layers, attention, states=False)
+        passes = len(out["views"])
         logits.append(out["logits"].float().cpu())
         for side, views in enumerate(out["views"]):
             for layer, view in views.items():
@@ -269,7 +363,7 @@ def cache_teacher_targets(teacher: ViltTeacher, split, layers: list[int], attent
     def teacher_fn(batch: dict) -> dict:
         idx = batch["index"].cpu()
         dev = batch["input_ids"].device
-        views = [{}, {}]
+        views = [{} for _ in range(passes)]
         for (side, layer), (t2i, i2t) in table_maps.items():
             views[side][layer] = LayerView(t2i=t2i[idx].to(dev).float(), i2t=i2t[idx].to(dev).float())
         return {"logits": table_logits[idx].to(dev), "views": views}

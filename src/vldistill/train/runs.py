@@ -16,13 +16,14 @@ from vldistill import paths
 from vldistill.config import Params, flatten
 from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
-from vldistill.evaluate.metrics import nlvr2_accuracy
+from vldistill.data.prepared import read_answers
+from vldistill.evaluate.metrics import recall_at_k, retrieval_scores, task_metrics
 from vldistill.io import write_json
 from vldistill.distill.knowledge import KnowledgeModules
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, vilt_config
-from vldistill.train import objectives
+from vldistill.train import objectives, tasks
 from vldistill.train.loop import clear_checkpoints, fit, make_fabric
 from vldistill.train.tracking import Tracker
 
@@ -65,8 +66,26 @@ def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: 
 
 
 # ---------------------------------------------------------------------------------------------- teacher
+def loaded_teacher(model: ViltTeacher, source: str, stage: str, task: str, extra: dict | None = None) -> dict:
+    """Save a teacher loaded from a checkpoint (``teacher.init`` / ``teacher.finetuned``) as this stage's output,
+    with a metrics file that says where it came from (no training: 0 steps)."""
+    out, metrics = paths.model_dir(stage, None if task == "pretrain" else task), paths.train_metrics(stage, task)
+    summary = {"loaded_from": source, "steps": 0, **(extra or {})}
+    with Tracker(stage, {"teacher.source": source}, task=task) as tracker:
+        model.save(out)
+        write_json(metrics, summary)
+        tracker.log_artifact(metrics)
+    return summary
+
+
 def teacher_pretrain(params: Params) -> dict:
-    """ViLT from scratch on the pre-training corpus: MLM + ITM; dev metric = ITM accuracy on matched/rolled pairs."""
+    """ViLT from scratch on the pre-training corpus: MLM + ITM; dev metric = ITM accuracy on matched/rolled pairs.
+    With ``teacher.init`` naming a hub id or a local checkpoint, that checkpoint is loaded instead (no training)."""
+    if params.teacher.init != "scratch":
+        from vldistill.models.hub import load_init_teacher
+
+        return loaded_teacher(load_init_teacher(params.teacher.init, ("mlm", "itm"), params=params.teacher),
+                              params.teacher.init, "teacher_pretrain", "pretrain")
     stage, budget = "teacher_pretrain", params.train.teacher_pretrain
     fabric = make_fabric(params.fabric, params.seed)
     tokenizer = tok.load(paths.TOKENIZER)
@@ -109,62 +128,104 @@ def _strip(state: dict) -> dict:
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
+def rank_head_from_itm(model: ViltTeacher, itm_score: torch.nn.Linear) -> None:
+    """Start the retrieval head ``rank_output`` from the ITM head's "matched" row, as ViLT's IRTR fine-tuning does."""
+    with torch.no_grad():
+        model.rank_output.weight.copy_(itm_score.weight[1:])
+        model.rank_output.bias.copy_(itm_score.bias[1:])
+
+
 def teacher_finetune(params: Params, task: str) -> dict:
-    """Fine-tune the pre-trained teacher on ``task`` (nlvr2: two joint passes, pooled outputs concatenated, CE)."""
-    if task != "nlvr2":
-        raise ValueError(f"teacher_finetune: task {task!r} is not implemented yet (available: nlvr2)")
-    stage, budget = "teacher_finetune", params.train.teacher_finetune
-    fabric = make_fabric(params.fabric, params.seed)
+    """Fine-tune the pre-trained teacher on ``task`` (heads and losses in :mod:`vldistill.train.tasks`); the checkpoint
+    kept is the best on dev by the task's metric."""
+    stage, budget = "teacher_finetune", params.budget("teacher_finetune", task)
     tokenizer = tok.load(paths.TOKENIZER)
+    if task in params.teacher.finetuned:  # a released fine-tuned checkpoint is this task's teacher
+        from vldistill.models.hub import load_finetuned_teacher
+
+        model = load_finetuned_teacher(params.teacher, task)
+        if task == "vqa":
+            remap_vqa_head(model, read_answers(paths.PREPARED, "vqa"))
+        dev = _split(params, task, "dev", tokenizer)
+        return loaded_teacher(model, params.teacher.finetuned[task], stage, task,
+                              {f"dev_{k}": round(v, 6) for k, v in task_metrics(model.eval(), dev, task).items()})
+    fabric = make_fabric(params.fabric, params.seed)
     train, dev = _split(params, task, "train", tokenizer), _split(params, task, "dev", tokenizer)
-    model = ViltTeacher.load(paths.model_dir("teacher_pretrain"), heads=("nlvr2",))
-    objective = objectives.Objective(model, objectives.nlvr2_gt_loss)
+    pretrained = paths.model_dir("teacher_pretrain")
+    model = ViltTeacher.load(pretrained, heads=(task,), num_labels=tasks.num_outputs(task, paths.PREPARED))
+    if task == "retrieval":
+        rank_head_from_itm(model, ViltTeacher.load(pretrained).itm_score)
+    negatives = params.train.retrieval_negatives
+    objective = objectives.Objective(model, objectives.teacher_task_loss(task, negatives))
     ckpt, curve = paths.checkpoint_dir(stage, task), paths.curve_path(stage, task)
     with Tracker(stage, flatten({"seed": params.seed, f"train.{stage}": budget}), task=task,
                  enabled=fabric.is_global_zero) as tracker:
         result = fit(fabric, objective, train.loader(budget.batch_size, True, params.seed, drop_last=True),
-                     lambda m: {"accuracy": nlvr2_accuracy(m.model, dev, device=fabric.device)}, budget, "accuracy",
-                     ckpt, curve, fingerprint(budget.model_dump(), params.seed, paths.model_dir("teacher_pretrain"),
-                                              paths.PREPARED / task),
-                     params.seed, tracker, head_prefixes=("model.classifier",))
+                     _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
+                     fingerprint(budget.model_dump(), params.seed, negatives, pretrained, paths.PREPARED / task),
+                     params.seed, tracker, head_prefixes=("model.classifier", "model.rank_output"))
         result.best_state = _strip(result.best_state)
         return _finish(fabric, model, result, paths.model_dir(stage, task), paths.train_metrics(stage, task), ckpt,
                        {}, tracker, curve)
 
 
+def remap_vqa_head(model: ViltTeacher, answers: list[str]) -> None:
+    """Reorder a loaded VQA head's output rows to the prepared answer vocabulary ``answers`` (the checkpoint's
+    ``config.id2label`` names its rows); answers the checkpoint lacks get freshly initialised rows."""
+    out = model.classifier[-1]
+    known = {label: int(i) for i, label in model.config.id2label.items()}
+    fresh = torch.nn.Linear(out.in_features, len(answers))
+    with torch.no_grad():
+        for row, answer in enumerate(answers):
+            if answer in known:
+                fresh.weight[row] = out.weight[known[answer]]
+                fresh.bias[row] = out.bias[known[answer]]
+    model.classifier[-1] = fresh
+    model.config.num_labels = len(answers)
+    missing = [a for a in answers if a not in known]
+    if missing:
+        print(f"teacher_finetune@vqa: {len(missing)} of {len(answers)} answers are not in the checkpoint's "
+              f"vocabulary (new rows): {missing[:5]}")
+
+
+DEV_CAPTIONS_PER_IMAGE = 1
+"""Retrieval dev metric during training: one caption per image (a fusion model scores every pair, N² passes)."""
+
+
+def _dev_metrics(task: str, dev, fabric):
+    """``evaluate_fn`` of :func:`fit`: the task's metrics on dev for the model inside the :class:`Objective`."""
+    return lambda objective: task_metrics(objective.model, dev, task, device=fabric.device,
+                                          captions_per_image=DEV_CAPTIONS_PER_IMAGE)
+
+
 # ------------------------------------------------------------------------------------------------ student
 def distill_pretrain(params: Params) -> dict:
-    """DiDE pre-training distillation (minimal): student from the pre-trained teacher; ITC + ITM on image–caption
-    pairs with the teacher's ITM soft labels and cross-modal attention on matched pairs (per ``distill.knowledge``)."""
+    """DiDE pre-training distillation: student from the pre-trained teacher; ITC + MLM (ground truth) + ITM on
+    image–caption pairs with the teacher's ITM soft labels and cross-modal attention on matched pairs (per
+    ``distill.knowledge``), see :func:`objectives.dual_pretrain_loss`."""
     stage, budget, recipe = "distill_pretrain", params.train.distill_pretrain, params.distill
     fabric = make_fabric(params.fabric, params.seed)
     tokenizer = tok.load(paths.TOKENIZER)
     train, dev = _split(params, "pretrain", "train", tokenizer), _split(params, "pretrain", "dev", tokenizer)
     teacher = ViltTeacher.load(paths.model_dir("teacher_pretrain")).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
-    student = DualEncoder.from_teacher(teacher, params.student.fusion_hidden)
+    student = DualEncoder.from_teacher(teacher, params.student.fusion_hidden, task="pretrain")
     layers = [s for s, _ in objectives.distill_pairs(recipe, teacher.config.num_hidden_layers,
                                                       teacher.config.num_hidden_layers)]
-    objective = objectives.Objective(student, objectives.dual_pretrain_loss(recipe, layers, teacher))
+    special = [tokenizer.convert_tokens_to_ids(t) for t in tok.SPECIAL]
+    masker = lambda ids, mask: objectives.mask_tokens(ids, mask, tokenizer.mask_token_id, len(tokenizer),  # noqa: E731
+                                                      special)
+    objective = objectives.Objective(student, objectives.dual_pretrain_loss(recipe, layers, teacher, masker))
 
     def evaluate(obj) -> dict[str, float]:
-        """Text→image R@1 over the dev images (one caption per image), from ITC similarities."""
-        s = obj.model
-        first = {}
-        for i, key in enumerate(dev.columns["image"].tolist()):
-            first.setdefault(key, i)
-        idx = list(first.values())
-        batch = {k: v.to(fabric.device) for k, v in dev.collate(idx).items()}
-        with torch.no_grad():
-            sims = s.itc_logits(s.encode_text(batch["input_ids"], batch["attention_mask"]).cls,
-                                s.encode_image(batch["pixel_values"]).cls)
-        return {"itc_r1": float((sims.argmax(dim=1) == torch.arange(len(idx), device=sims.device)).float().mean())}
+        """Caption→image and image→caption recall over the dev images (one caption per image), from ITC."""
+        return recall_at_k(*retrieval_scores(obj.model, dev, captions_per_image=1, device=fabric.device))
 
     ckpt, curve = paths.checkpoint_dir(stage), paths.curve_path(stage, "pretrain")
     with Tracker(stage, flatten({"seed": params.seed, "distill": recipe, "student": params.student,
                                  f"train.{stage}": budget}), task="pretrain", enabled=fabric.is_global_zero) as tracker:
         result = fit(fabric, objective, train.loader(budget.batch_size, True, params.seed, drop_last=True), evaluate,
-                     budget, "itc_r1", ckpt, curve,
+                     budget, "r_mean", ckpt, curve,
                      fingerprint(recipe.model_dump(), params.student.model_dump(), budget.model_dump(), params.seed,
                                  paths.model_dir("teacher_pretrain"), paths.PREPARED / "pretrain"),
                      params.seed, tracker, head_prefixes=("model.fusion", "model.itm_score", "model.text_proj",
@@ -174,57 +235,71 @@ def distill_pretrain(params: Params) -> dict:
                        {}, tracker, curve)
 
 
-def _finetune_student(params: Params, recipe):
+def _finetune_student(params: Params, variant: str, task: str):
     """The student a fine-tuning distillation starts from.
 
-    ``student.kind=dual``: from ``distill_pretrain`` when 'pretrain' is in the recipe's stages, else both towers from
-    the pre-trained teacher. ``student.kind=fusion``: a smaller ViLT from the pre-trained teacher (see
-    :func:`vldistill.models.fusion.fusion_student`).
+    Dual: from ``distill_pretrain`` when 'pretrain' is in the variant's stages, else both towers from the pre-trained
+    teacher; a fresh task head. Fusion: a smaller ViLT from the pre-trained teacher (see
+    :func:`vldistill.models.fusion.fusion_student`; retrieval's rank head from the teacher's ITM head).
     """
-    if params.student.kind == "dual" and "pretrain" in recipe.stages:
-        return DualEncoder.load(paths.model_dir("distill_pretrain"))
+    outputs = tasks.num_outputs(task, paths.PREPARED)
+    if params.student_kind(variant) == "dual" and "pretrain" in params.variant(variant).stages:
+        return DualEncoder.load(paths.model_dir("distill_pretrain")).with_task(task, outputs)
     pretrained = ViltTeacher.load(paths.model_dir("teacher_pretrain"))
-    if params.student.kind == "fusion":
-        return fusion_student(pretrained, params.student, heads=("nlvr2",))
-    return DualEncoder.from_teacher(pretrained, params.student.fusion_hidden)
+    if params.student_kind(variant) == "fusion":
+        pretrained.config.num_labels = outputs
+        student = fusion_student(pretrained, params.student, heads=(task,))
+        if task == "retrieval":
+            rank_head_from_itm(student, pretrained.itm_score)
+        return student
+    return DualEncoder.from_teacher(pretrained, params.student.fusion_hidden, task=task, num_outputs=outputs)
+
+
+def _teacher_fn(recipe, teacher: ViltTeacher, train, teacher_layers: list[int], device):
+    """The teacher's targets per batch: ``None`` (ground truth only), a cache over the train split (exact: frozen
+    teacher, unaugmented inputs, knowledge within :data:`objectives.CACHEABLE`), or computed live."""
+    views = objectives.needs_views(recipe.knowledge)
+    if set(recipe.knowledge) == {"gt"}:
+        return None
+    if recipe.cache_teacher and set(recipe.knowledge) <= objectives.CACHEABLE:
+        return objectives.cache_teacher_targets(teacher, train, teacher_layers, views, 256, device)
+    return lambda batch: objectives.teacher_targets(teacher, batch, teacher_layers, views)
 
 
 def distill_finetune(params: Params, task: str, variant: str) -> dict:
     """Fine-tuning distillation of one named variant on ``task``: student from ``distill_pretrain`` when 'pretrain'
-    is in the recipe's stages (else from the pre-trained teacher), knowledge from the fine-tuned teacher."""
-    if task != "nlvr2":
-        raise ValueError(f"distill_finetune: task {task!r} is not implemented yet (available: nlvr2)")
-    stage, budget, recipe = "distill_finetune", params.train.distill_finetune, params.variant(variant)
-    fabric = make_fabric(params.fabric, params.seed)
+    is in the recipe's stages (else from the pre-trained teacher), knowledge from the fine-tuned teacher of ``task``;
+    the checkpoint kept is the best on dev."""
+    stage, budget, recipe = "distill_finetune", params.budget("distill_finetune", task), params.variant(variant)
+    seed = params.variant_seed(variant)
+    fabric = make_fabric(params.fabric, seed)
     tokenizer = tok.load(paths.TOKENIZER)
     train, dev = _split(params, task, "train", tokenizer), _split(params, task, "dev", tokenizer)
     teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
-    student = _finetune_student(params, recipe)
+    student = _finetune_student(params, variant, task)
     pairs = objectives.distill_pairs(recipe, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     extras = KnowledgeModules(set(recipe.knowledge), pairs, student.config.hidden_size, teacher.config.hidden_size,
                               recipe.nce.queue_size, recipe.nce.temperature)
-    teacher_layers = sorted({t for _, t in pairs})
-    views = objectives.needs_views(recipe.knowledge)
-    if set(recipe.knowledge) == {"gt"}:
-        teacher_fn = None
-    elif recipe.cache_teacher and set(recipe.knowledge) <= objectives.CACHEABLE:
-        teacher_fn = objectives.cache_teacher_targets(teacher, train, teacher_layers, views, 256, fabric.device)
+    negatives = params.train.retrieval_negatives
+    if task == "retrieval":
+        loss = objectives.retrieval_distill_loss(recipe, pairs, teacher, negatives, extras)
     else:
-        teacher_fn = lambda batch: objectives.teacher_nlvr2_targets(teacher, batch, teacher_layers, views)  # noqa: E731
-    objective = objectives.Objective(student, objectives.dide_nlvr2_loss(recipe, pairs, teacher_fn, extras), extras)
+        loss = objectives.dide_loss(recipe, pairs, _teacher_fn(recipe, teacher, train, sorted({t for _, t in pairs}),
+                                                               fabric.device), extras)
+    objective = objectives.Objective(student, loss, extras)
     ckpt, curve = paths.checkpoint_dir(stage, task, variant), paths.curve_path(stage, task, variant)
-    with Tracker(stage, flatten({"seed": params.seed, "distill": recipe, "student": params.student,
-                                 f"train.{stage}": budget}), task=task, variant=variant,
-                 enabled=fabric.is_global_zero) as tracker:
-        result = fit(fabric, objective, train.loader(budget.batch_size, True, params.seed, drop_last=True),
-                     lambda m: {"accuracy": nlvr2_accuracy(m.model, dev, device=fabric.device)}, budget, "accuracy",
-                     ckpt, curve,
-                     fingerprint(recipe.model_dump(), params.student.model_dump(), budget.model_dump(), params.seed,
-                                 paths.model_dir("teacher_finetune", task), paths.model_dir("distill_pretrain"),
-                                 paths.PREPARED / task),
-                     params.seed, tracker, head_prefixes=("model.fusion", "model.classifier", "extras"))
+    with Tracker(stage, flatten({"seed": seed, "distill": recipe, "student": params.student,
+                                 "student_kind": params.student_kind(variant), f"train.{stage}": budget}),
+                 task=task, variant=variant, enabled=fabric.is_global_zero) as tracker:
+        result = fit(fabric, objective, train.loader(budget.batch_size, True, seed, drop_last=True),
+                     _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
+                     fingerprint(recipe.model_dump(), params.student.model_dump(), params.student_kind(variant),
+                                 budget.model_dump(), seed, negatives, paths.model_dir("teacher_finetune", task),
+                                 paths.model_dir("distill_pretrain"), paths.PREPARED / task),
+                     seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"))
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage, task, variant),
-                       paths.train_metrics(stage, task, variant), ckpt, {"knowledge": "+".join(recipe.knowledge)},
-                       tracker, curve)
+                       paths.train_metrics(stage, task, variant), ckpt,
+                       {"knowledge": "+".join(recipe.knowledge), "student": params.student_kind(variant),
+                        "seed": seed}, tracker, curve)

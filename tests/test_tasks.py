@@ -1,0 +1,154 @@
+"""Per-task pieces: hard negatives, retrieval and VQA metrics, task heads of the students, the retrieval losses, and
+the `runs` table of params.yaml."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vldistill.config import ConfigError, DistillParams, StudentParams, TeacherParams, load
+from vldistill.data.datasets import vqa_targets
+from vldistill.distill.knowledge import KnowledgeModules
+from vldistill.evaluate.metrics import recall_at_k, vqa_score
+from vldistill.models.dual import DualEncoder
+from vldistill.models.fusion import fusion_student
+from vldistill.models.teacher import ViltTeacher, vilt_config
+from vldistill.train import tasks
+from vldistill.train.objectives import dide_loss, distill_pairs, retrieval_distill_loss, teacher_task_loss
+
+from conftest import ROOT
+
+B, T = 6, 7
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ViltTeacher:
+    torch.manual_seed(0)
+    cfg = vilt_config(TeacherParams(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_text_len=T),
+                      image_size=32, vocab_size=50)
+    return ViltTeacher(cfg, heads=("retrieval",)).eval()
+
+
+def _retrieval_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 50, (B, T), generator=g)
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
+            "pixel_values": torch.rand(B, 3, 32, 32, generator=g), "image": torch.tensor([0, 0, 1, 2, 3, 4]),
+            "index": torch.arange(B)}
+
+
+def test_hard_negatives_never_pick_the_captions_own_image_and_prefer_shared_words():
+    ids = torch.tensor([[1, 7, 8, 9], [1, 7, 8, 9], [1, 7, 8, 3], [1, 4, 5, 6], [1, 4, 5, 3]])
+    images = torch.tensor([0, 0, 1, 2, 3])
+    torch.manual_seed(0)
+    negatives = tasks.hard_negatives(ids, torch.ones_like(ids), images, 2)
+    assert negatives.shape == (5, 2)
+    for row, picked in enumerate(negatives.tolist()):
+        assert all(images[j] != images[row] for j in picked)
+    assert negatives[0, 0] == 2  # "7 8" shared with caption 2, the most of any other image
+    with pytest.raises(ValueError, match="retrieval_negatives"):
+        tasks.hard_negatives(ids, torch.ones_like(ids), images, 5)
+
+
+def test_recall_at_k_on_a_hand_checked_matrix():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.1], [0.5, 0.6, 0.4], [0.1, 0.2, 0.3]])
+    result = recall_at_k(scores, torch.tensor([0, 1, 2, 2]), ks=(1, 2))
+    assert result["ir_r1"] == 0.75 and result["ir_r2"] == 0.75  # caption 2 ranks its image third
+    assert result["tr_r1"] == 1.0  # every image's best caption is its own
+    tied = recall_at_k(torch.zeros(2, 2), torch.tensor([0, 1]), ks=(1,))
+    assert tied["ir_r1"] == 0.0  # ties count against the model
+
+
+def test_vqa_targets_and_score():
+    import pandas as pd
+
+    frame = pd.DataFrame({"answers": [["yes"], ["red", "blue"]], "scores": [[1.0], [0.6, 0.3]]})
+    targets = vqa_targets(frame, ["yes", "no", "red", "blue"])
+    assert torch.equal(targets, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.6, 0.3]]))
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 9.0]])
+    assert vqa_score(logits, targets) == pytest.approx((1.0 + 0.3) / 2)
+
+
+@pytest.mark.parametrize("task,outputs", [("snli_ve", 3), ("vqa", 13), ("nlvr2", 2)])
+def test_dual_encoder_task_heads_survive_save_and_load(teacher, task, outputs, tmp_path):
+    student = DualEncoder.from_teacher(teacher, 24, task="pretrain").with_task(task, outputs)
+    assert student.mlm_score is None
+    student.save(tmp_path)
+    loaded = DualEncoder.load(tmp_path).eval()
+    batch = _retrieval_batch()
+    if task == "nlvr2":
+        out = loaded.nlvr2_logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                  batch["pixel_values"])
+        ref = student.eval().nlvr2_logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                          batch["pixel_values"])
+    else:
+        out = loaded.classify(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        ref = student.eval().classify(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert out.shape == (B, outputs) and torch.allclose(out, ref)
+
+
+def test_classification_distillation_runs_on_single_image_tasks(teacher):
+    cfg = teacher.config
+    snli = ViltTeacher(cfg, heads=("snli_ve",)).eval()
+    student = DualEncoder.from_teacher(snli, 24, task="snli_ve", num_outputs=3)
+    recipe = DistillParams(knowledge=["gt", "soft", "attn_cross"])
+    pairs = distill_pairs(recipe, 2, 2)
+    from vldistill.train.objectives import teacher_targets
+
+    loss_fn = dide_loss(recipe, pairs, lambda b: teacher_targets(snli, b, [1], True))
+    batch = _retrieval_batch() | {"labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    terms = loss_fn(student, batch)
+    assert set(terms) == {"gt", "soft", "attn_cross", "loss"} and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    assert student.classifier[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["dual", "fusion"])
+def test_retrieval_distillation_terms_are_finite_and_only_train_the_student(teacher, kind):
+    torch.manual_seed(0)
+    knowledge = ["gt", "soft", "attn_cross"] if kind == "dual" else ["gt", "soft", "attn_mse", "token_nce"]
+    recipe = DistillParams(knowledge=knowledge, layers="last")
+    if kind == "dual":
+        student = DualEncoder.from_teacher(teacher, 24, task="retrieval", num_outputs=1)
+    else:
+        student = fusion_student(teacher, StudentParams(kind="fusion", num_layers=1), heads=("retrieval",))
+    pairs = distill_pairs(recipe, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    extras = KnowledgeModules(set(knowledge), pairs, 16, 16, 32, 0.07)
+    terms = retrieval_distill_loss(recipe, pairs, teacher, 2, extras)(student, _retrieval_batch())
+    assert set(terms) == {*knowledge, "loss"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_teacher_retrieval_loss_is_cross_entropy_over_candidates(teacher):
+    torch.manual_seed(0)
+    terms = teacher_task_loss("retrieval", negatives=2)(teacher, _retrieval_batch())
+    assert torch.isfinite(terms["loss"]) and terms["loss"] > 0
+
+
+def test_runs_table_is_checked(tmp_path):
+    params = load(ROOT / "params.yaml")
+    assert params.task_variants("vqa") == ["dide", "dual_gt", "fusion_gt", "fusion_distillvlm"]
+    assert params.student_kind("fusion_gt") == "fusion" and params.student_kind("dide") == "dual"
+    assert params.variant_seed("dide_seed1") == 1 and params.variant("dide_seed1") == params.variant("dide")
+    with pytest.raises(ConfigError, match="runs"):
+        load(ROOT / "params.yaml", ["runs.nlvr2-dide.variant=nope"])
+    with pytest.raises(ConfigError, match="runs"):
+        load(ROOT / "params.yaml", ["runs.vqa-dide.task=nlvr2"])
+
+
+def test_vqa_head_of_a_released_checkpoint_is_remapped_to_the_prepared_answers(teacher):
+    from vldistill.train.runs import remap_vqa_head
+
+    cfg = teacher.config.__class__(**{**teacher.config.to_dict(), "id2label": {0: "no", 1: "red", 2: "yes"},
+                                      "label2id": {"no": 0, "red": 1, "yes": 2}})
+    model = ViltTeacher(cfg, heads=("vqa",)).eval()
+    old = model.classifier[-1]
+    remap_vqa_head(model, ["yes", "no", "circle"])
+    new = model.classifier[-1]
+    assert new.out_features == 3 and model.config.num_labels == 3
+    assert torch.equal(new.weight[0], old.weight[2]) and torch.equal(new.weight[1], old.weight[0])
+    assert torch.equal(new.bias[0], old.bias[2])
