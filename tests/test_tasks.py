@@ -152,3 +152,10 @@ def test_vqa_head_of_a_released_checkpoint_is_remapped_to_the_prepared_answers(t
     assert new.out_features == 3 and model.config.num_labels == 3
     assert torch.equal(new.weight[0], old.weight[2]) and torch.equal(new.weight[1], old.weight[0])
     assert torch.equal(new.bias[0], old.bias[2])
+
+
+def test_report_recognises_seed_replicas():
+    from vldistill.report.tables import has_seed_replicas, label
+
+    assert has_seed_replicas(["teacher", "dide", "dide_seed1"]) and not has_seed_replicas(["teacher", "seed1", "dide"])
+    assert label("dual_gt_seed1") == "Dual encoder, ground-truth labels only (seed 1)"

@@ -79,6 +79,11 @@ def main_results(metrics_dir: str | Path, task: str, models: list[str], decimals
     return pd.DataFrame(rows).set_index("model")
 
 
+def has_seed_replicas(models: list[str]) -> bool:
+    """Whether any model is a seed replica ``<variant>_seed<k>`` (then :func:`seed_summary` has something to add)."""
+    return any(SEED_SUFFIX.search(model) for model in models)
+
+
 def seed_summary(metrics_dir: str | Path, task: str, models: list[str], decimals: int = 1) -> pd.DataFrame:
     """Mean ± sample std over seed replicas (``<variant>`` and ``<variant>_seed<k>``) of the task's first metric on
     dev and test; one row per variant with its number of seeds (std shown only with ≥ 2 seeds)."""
