@@ -31,6 +31,12 @@ TINY_RUNS = {f"{task}-{variant}": {"task": task, "variant": variant} for task, v
     ("retrieval", "dide"), ("retrieval", "fusion_distillvlm"))}
 """The fine-tuning distillation runs of the tiny pipeline: every task, both student kinds, fewer replicas."""
 
+TINY_ABLATION = {"task": "nlvr2", "budget": {"epochs": 1}, "variants": ["soft_attn_cross", "fusion_soft"],
+                 "tables": {"knowledge": ["soft_attn_cross"], "distillvlm": ["fusion_soft"]}}
+TINY_SEEDS = [0, 1]
+ABLATION_STAGES = {f"distill_ablation@{variant}-{seed}" for variant in TINY_ABLATION["variants"] for seed in TINY_SEEDS}
+"""The ablation study of the tiny pipeline: one dual and one fusion variant, two seeds each."""
+
 
 def deep_update(base: dict, update: dict) -> dict:
     for key, value in update.items():
@@ -45,6 +51,8 @@ def tiny_params_text() -> str:
     """params.yaml of the repo with the TINY override applied (same keys, minutes → seconds)."""
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     params["runs"] = TINY_RUNS
+    params["ablation"] = TINY_ABLATION
+    params["report"]["seeds"] = TINY_SEEDS
     return yaml.safe_dump(params, sort_keys=False)
 
 

@@ -50,6 +50,11 @@ def test_committed_params_are_valid():
      ["train.distill_finetune_tasks.nlvr2.effective_batch=100", "multiple of batch_size"]),
     ("train.teacher_finetune_tasks={nlvr2: {epoch: 3}}",
      ["unknown key 'train.teacher_finetune_tasks.nlvr2.epoch'", "epochs"]),
+    ("ablation.variants=[dide, telepathy]", ["ablation.variants", "telepathy", "not in variants"]),
+    ("ablation.tables={knowledge: [dide]}", ["ablation.tables.knowledge", "dide", "not in ablation.variants"]),
+    ("ablation.tables={colours: []}", ["ablation.tables.colours", "knowledge"]),
+    ("report.seeds=[1, 1]", ["report.seeds", "distinct"]),
+    ("report.seeds=[]", ["report.seeds", "non-empty"]),
 ])
 def test_bad_values_fail_in_one_line(override, expected):
     with pytest.raises(ConfigError) as info:
@@ -92,3 +97,24 @@ def test_flatten_gives_dotted_keys():
     flat = flatten(Params())
     assert flat["distill.layers"] == "last"
     assert flat["train.teacher_finetune.lr"] > 0
+
+
+def test_ablation_runs_are_variants_with_a_seed_and_the_ablation_budget():
+    params = load(ROOT / "params.yaml", ["ablation.budget={epochs: 1}", "report.seeds=[3, 4]"])
+    assert params.ablation_models("snli_ve") == []
+    models = params.ablation_models(params.ablation.task)
+    assert len(models) == 2 * len(params.ablation.variants) and "soft_attn_cross_seed4" in models
+    run, name = params.for_ablation("soft_attn_cross", 4)
+    assert name == "soft_attn_cross_seed4" and run.variant_seed(name) == 4
+    assert run.variant(name) == params.variant("soft_attn_cross")
+    assert run.budget("distill_finetune", params.ablation.task).epochs == 1
+    kept = params.budget("distill_finetune", params.ablation.task)
+    assert run.budget("distill_finetune", params.ablation.task).model_copy(update={"epochs": kept.epochs}) == kept
+    assert params.budget("distill_finetune", params.ablation.task).epochs != 1  # the main runs keep theirs
+    with pytest.raises(ConfigError, match="report.seeds"):
+        params.for_ablation("soft_attn_cross", 0)
+
+
+def test_ablation_model_names_may_not_clash_with_main_runs():
+    with pytest.raises(ConfigError, match="clash"):
+        load(ROOT / "params.yaml", ["variants.soft_seed0={}", "runs.nlvr2-soft_seed0={task: nlvr2, variant: soft_seed0}"])

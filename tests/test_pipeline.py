@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_RUNS, tiny_params_text
+from conftest import ABLATION_STAGES, ROOT, TINY_RUNS, tiny_params_text
 
 pytestmark = pytest.mark.slow
 
 TOP_LEVEL_GENERATED = {".venv", ".git", "data", "models", "metrics", "plots", "checkpoints", "mlflow.db", "mlruns",
                        ".pytest_cache", "dvc.lock"}
 TASKS = ("nlvr2", "snli_ve", "vqa", "retrieval")
-DISTILL_DOWNSTREAM = {"distill_pretrain", *(f"distill_finetune@{run}" for run in TINY_RUNS),
+DISTILL_DOWNSTREAM = {"distill_pretrain", *(f"distill_finetune@{run}" for run in TINY_RUNS), *ABLATION_STAGES,
                       *(f"evaluate@{task}" for task in TASKS), "benchmark", "report"}
 
 
@@ -119,7 +119,7 @@ def test_mlflow_has_one_run_per_stage_execution(repo):
         params = db.execute("select count(*) from params").fetchone()[0]
         metrics = db.execute("select count(*) from metrics").fetchone()[0]
     assert sorted(stages) == sorted(["prepare"] * 5 + ["tokenizer", "teacher_pretrain"] + ["teacher_finetune"] * 4
-                                    + ["distill_pretrain"] + ["distill_finetune"] * len(TINY_RUNS)
+                                    + ["distill_pretrain"] + ["distill_finetune"] * (len(TINY_RUNS) + len(ABLATION_STAGES))
                                     + ["evaluate"] * 4 + ["benchmark", "report"])
     assert params > 50 and metrics > 20
 

@@ -9,9 +9,10 @@ import sys
 from vldistill.config import Params, load_or_exit
 
 
-def stage_args(description: str, task: bool = False, variant: bool = False,
-               any_data_task: bool = False) -> tuple[argparse.Namespace, Params]:
-    """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` and ``-S key=value`` overrides;
+def stage_args(description: str, task: bool = False, variant: bool = False, any_data_task: bool = False,
+               seed: bool = False) -> tuple[argparse.Namespace, Params]:
+    """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` / ``--seed`` and ``-S key=value``
+    overrides;
     validate the params before any work starts (exit status 2 with one line on error)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -21,6 +22,8 @@ def stage_args(description: str, task: bool = False, variant: bool = False,
         parser.add_argument("--task", required=True)
     if variant:
         parser.add_argument("--variant", required=True)
+    if seed:
+        parser.add_argument("--seed", required=True, type=int)
     args = parser.parse_args()
     params = load_or_exit(args.params, args.set)
     if any_data_task:  # prepare: every task with a data section, enabled or not

@@ -384,6 +384,9 @@ class AugmentParams(Strict):
     stages: list[Literal["teacher_finetune", "distill_finetune"]] = ["teacher_finetune", "distill_finetune"]
 
 
+ABLATION_TABLES = ("knowledge", "layers", "stages", "distillvlm")
+"""The ablation tables of the report (4: knowledge, 5: layers, 6: one vs two stages, 7: DistillVLM losses)."""
+
 PER_TASK_STAGES = ("teacher_finetune", "distill_finetune")
 """Stages whose budget may be overridden per task by ``train.<stage>_tasks.<task>``."""
 
@@ -430,8 +433,27 @@ class BenchParams(Strict):
         return self
 
 
+class AblationParams(Strict):
+    """The ablation study (report tables 4–7): each variant of ``variants`` is trained on ``task`` once per seed of
+    ``report.seeds`` by ``distill_ablation@<variant>-<seed>`` (model ``<variant>_seed<seed>``), with the task's
+    ``distill_finetune`` budget changed by ``budget``. ``tables`` says which variants each report table compares."""
+
+    task: Literal[TASKS] = "nlvr2"
+    variants: list[str] = []
+    budget: BudgetOverride = BudgetOverride()
+    tables: dict[Literal[ABLATION_TABLES], list[str]] = {}
+
+
 class ReportParams(Strict):
     decimals: int = Field(1, ge=0, le=4)
+    seeds: list[int] = Field([0, 1, 2], description="training seeds of every ablation variant (mean ± std per cell)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"seeds={seeds}: must be a non-empty list of distinct non-negative ints")
+        return seeds
 
 
 class Params(Strict):
@@ -448,6 +470,7 @@ class Params(Strict):
     fabric: FabricParams = FabricParams()
     train: TrainParams = TrainParams()
     bench: BenchParams = BenchParams()
+    ablation: AblationParams = AblationParams()
     report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
@@ -467,6 +490,26 @@ class Params(Strict):
                 raise ValueError(f"runs.{key}: task {run.task!r} is not in tasks {list(self.tasks)}")
             if run.variant not in self.variants:
                 raise ValueError(f"runs.{key}: variant {run.variant!r} is not in variants {sorted(self.variants)}")
+        return self
+
+    @model_validator(mode="after")
+    def _ablation_consistent(self):
+        study = self.ablation
+        if study.variants and study.task not in self.tasks:
+            raise ValueError(f"ablation.task: {study.task!r} is not in tasks {list(self.tasks)}")
+        for name in study.variants:
+            if name not in self.variants:
+                raise ValueError(f"ablation.variants: {name!r} is not in variants {sorted(self.variants)}")
+        if len(set(study.variants)) != len(study.variants):
+            raise ValueError(f"ablation.variants: {study.variants} lists a variant twice")
+        for table, names in study.tables.items():
+            for name in names:
+                if name not in study.variants:
+                    raise ValueError(f"ablation.tables.{table}: {name!r} is not in ablation.variants {study.variants}")
+        clash = set(self.ablation_models()) & set(self.task_variants(study.task))
+        if clash:
+            raise ValueError(f"variants {sorted(clash)}: names clash with ablation models <variant>_seed<seed>; "
+                             "rename them")
         return self
 
     def variant(self, name: str) -> DistillParams:
@@ -500,6 +543,32 @@ class Params(Strict):
     def task_variants(self, task: str) -> list[str]:
         """The variants ``runs`` trains on ``task``, in the order of ``runs``."""
         return [run.variant for run in self.runs.values() if run.task == task]
+
+    def ablation_models(self, task: str | None = None) -> list[str]:
+        """Model names of the ablation runs (``<variant>_seed<seed>``), or ``[]`` for another task than
+        ``ablation.task``."""
+        if task not in (None, self.ablation.task):
+            return []
+        return [ablation_model(v, s) for v in self.ablation.variants for s in self.report.seeds]
+
+    def for_ablation(self, variant: str, seed: int) -> tuple[Params, str]:
+        """The params of one ablation run and its model name: ``variants.<variant>`` with ``seed``, registered as
+        ``<variant>_seed<seed>``, and ``ablation.budget`` applied over ``train.distill_finetune_tasks.<task>``."""
+        if variant not in self.ablation.variants or seed not in self.report.seeds:
+            raise ConfigError(f"ablation run {variant!r} seed {seed}: not in ablation.variants "
+                              f"{self.ablation.variants} x report.seeds {self.report.seeds}")
+        name, task = ablation_model(variant, seed), self.ablation.task
+        variants = {**self.variants, name: self.variants[variant].model_copy(update={"seed": seed})}
+        base = self.train.distill_finetune_tasks.get(task, BudgetOverride())
+        override = base.model_copy(update=self.ablation.budget.model_dump(exclude_unset=True))
+        train = self.train.model_copy(update={"distill_finetune_tasks": {**self.train.distill_finetune_tasks,
+                                                                         task: override}})
+        return self.model_copy(update={"variants": variants, "train": train}), name
+
+
+def ablation_model(variant: str, seed: int) -> str:
+    """Name of an ablation run's model: ``<variant>_seed<seed>``."""
+    return f"{variant}_seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------------------ loading

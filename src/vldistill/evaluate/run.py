@@ -17,9 +17,10 @@ SPLITS = ("dev", "test")
 
 
 def models_for(task: str, params: Params) -> dict[str, object]:
-    """``{"teacher": path, "<variant>": path, ...}``: the checkpoints evaluated for ``task``."""
+    """``{"teacher": path, "<variant>": path, ..., "<ablation variant>_seed<k>": path}``: the checkpoints evaluated
+    for ``task`` (every run of ``runs`` on it, and the ablation runs when it is ``ablation.task``)."""
     found = {"teacher": paths.model_dir("teacher_finetune", task)}
-    for variant in params.task_variants(task):
+    for variant in params.task_variants(task) + params.ablation_models(task):
         found[variant] = paths.model_dir("distill_finetune", task, variant)
     return found
 
