@@ -1,4 +1,5 @@
-"""Stage report: papermill runs reports/templates/results.ipynb → reports/results.ipynb, reports/results.md, figures."""
+"""Stage report: papermill runs reports/templates/results.ipynb → reports/results.{ipynb,md,html}, reports/README.md,
+reports/figures/."""
 
 from vldistill.cli import stage_args
 from vldistill.config import flatten
@@ -8,20 +9,32 @@ from vldistill.train.tracking import Tracker
 
 def main() -> None:
     _, params = stage_args(__doc__)
-    with Tracker("report", flatten({"report": params.report, "tasks": params.tasks})) as tracker:
+    with Tracker("report", flatten({"report": params.report, "tasks": params.tasks, "ablation": params.ablation})) as tracker:
         _render(params)
         tracker.log_artifact("reports/results.md")
     print("report: reports/results.md (executed notebook: reports/results.ipynb)")
 
 
+def _recipe(params, variant: str) -> dict[str, str]:
+    recipe = params.variant(variant)
+    return {"student": params.student_kind(variant), "knowledge": "+".join(recipe.knowledge), "layers": recipe.layers,
+            "stages": "+".join(recipe.stages)}
+
+
 def _render(params) -> None:
+    study = params.ablation
     render("reports/templates/results.ipynb", "reports/results.ipynb", {
         "metrics_dir": "metrics", "plots_dir": "plots", "out_md": "reports/results.md",
-        "figures_dir": "reports/figures", "tasks": list(params.tasks),
+        "out_html": "reports/results.html", "out_readme": "reports/README.md",
+        "figures_dir": "reports/figures", "attention_dir": "reports/attention", "tasks": list(params.tasks),
         "task_variants": {task: params.task_variants(task) for task in params.tasks},
         "fusion_students": sorted(v for v in params.variants if params.student_kind(v) == "fusion"),
         "data_tasks": [t for t in type(params.data).model_fields if t != "scene" and getattr(params.data, t)],
         "data_figures_dir": "reports/data",
+        "ablation_task": study.task, "ablation_tables": {k: list(v) for k, v in study.tables.items()},
+        "ablation_budget": study.budget.model_dump(exclude_unset=True),
+        "recipes": {v: _recipe(params, v) for v in study.variants},
+        "seeds": list(params.report.seeds),
         "decimals": params.report.decimals,
     })
 

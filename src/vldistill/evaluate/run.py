@@ -14,6 +14,10 @@ from vldistill.models.fusion import load_student
 from vldistill.models.teacher import ViltTeacher
 
 SPLITS = ("dev", "test")
+ATTENTION_EXAMPLES = 4
+"""Test examples (the first ones) shown in each task's attention figure."""
+ATTENTION_MODELS = ("teacher", "dide", "dual_gt")
+"""Models whose maps the figure compares (those trained on the task); dual_gt shows what no attention KD gives."""
 
 
 def models_for(task: str, params: Params) -> dict[str, object]:
@@ -40,3 +44,24 @@ def evaluate_task(params: Params, task: str) -> dict[str, dict]:
                          for split, data in splits.items()}
         write_json(paths.eval_metrics(task, name), results[name])
     return results
+
+
+def attention_figure(params: Params, task: str, out) -> object:
+    """``reports/attention/<task>.png``: the teacher's and the students' last-layer text→image attention on the first
+    :data:`ATTENTION_EXAMPLES` test examples (see :mod:`vldistill.evaluate.attention`)."""
+    from vldistill.evaluate.attention import plot_maps, text_to_image_maps
+
+    tokenizer = tok.load(paths.TOKENIZER)
+    split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
+    batch = split.collate(list(range(min(ATTENTION_EXAMPLES, len(split)))))
+    available = models_for(task, params)
+    maps = {}
+    for name in ATTENTION_MODELS:
+        if name in available:
+            model = (ViltTeacher.load(available[name]) if name == "teacher" else load_student(available[name])).eval()
+            maps[name] = text_to_image_maps(model, batch)
+    image_key = "image_left" if "image_left" in split.columns else "image"
+    images = split.images[split.columns[image_key][batch["index"]]]
+    texts = [split.texts[i] for i in batch["index"].tolist()]
+    return plot_maps(images, texts, maps, out, f"{task}: last-layer text→image attention (test examples"
+                     f"{', left image' if image_key == 'image_left' else ''})")

@@ -163,3 +163,120 @@ def data_summary(metrics_dir: str | Path, tasks: list[str]) -> pd.DataFrame:
                      "images in store": str(stats["image_store"]["images"]),
                      "train labels / top answers": ", ".join(f"{k} {v}" for k, v in spread.items())})
     return pd.DataFrame(rows).set_index("task")
+
+
+# ------------------------------------------------------------------------------------------ paper-style tables
+CLASSIFICATION_TASKS = ("nlvr2", "snli_ve", "vqa")
+"""The tasks of the paper's main table (retrieval has its own)."""
+
+
+def _score(metrics_dir: Path, task: str, model: str, split: str, metric: str) -> tuple[float | None, Path]:
+    path = metrics_dir / "eval" / task / f"{model}.json"
+    scores = read_json(path)
+    return (None if scores is None else scores.get(split, {}).get(metric)), path
+
+
+def paper_main_table(metrics_dir: str | Path, tasks: list[str], models: list[str], decimals: int = 1) -> pd.DataFrame:
+    """Table 1: rows = models, columns = dev and test of each classification task's metric (%), and the average of
+    the test columns (only when every one of them is present)."""
+    metrics_dir = Path(metrics_dir)
+    rows = []
+    for model in models:
+        row, tests = {"model": label(model)}, []
+        for task in [t for t in CLASSIFICATION_TASKS if t in tasks]:
+            metric = TASK_METRICS[task][0]
+            for split in ("dev", "test"):
+                value, path = _score(metrics_dir, task, model, split, metric)
+                row[f"{task} {split}"] = _percent(value, decimals) or missing(path)
+                if split == "test":
+                    tests.append(value)
+        row["avg. test"] = (f"{100 * sum(tests) / len(tests):.{decimals}f}" if tests and None not in tests
+                            else "n/a (an input is missing)")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def _seed_values(metrics_dir: Path, task: str, variant: str, seeds: list[int], split: str,
+                 metric: str) -> tuple[list[float], list[int]]:
+    """The metric (%) of each seed's model ``<variant>_seed<k>`` that has a metrics file, and the seeds that have none."""
+    found, absent = [], []
+    for seed in seeds:
+        value, _ = _score(metrics_dir, task, f"{variant}_seed{seed}", split, metric)
+        (found.append(100 * value) if value is not None else absent.append(seed))
+    return found, absent
+
+
+def mean_std(values: list[float], decimals: int) -> str:
+    """``mean ± sample std`` (just the value for one seed)."""
+    series = pd.Series(values, dtype=float)
+    if len(series) > 1:
+        return f"{series.mean():.{decimals}f} ± {series.std():.{decimals}f}"
+    return f"{series.mean():.{decimals}f}"
+
+
+def ablation_table(metrics_dir: str | Path, task: str, variants: list[str], seeds: list[int],
+                   recipes: dict[str, dict], decimals: int = 1) -> pd.DataFrame:
+    """Tables 4–7: one row per ablation variant with its recipe (``recipes[variant]``: knowledge, layers, stages,
+    student) and the task's metric (%) on dev and test as mean ± std over the seeds' models ``<variant>_seed<k>``;
+    a cell whose seeds are not all present says which are missing."""
+    metrics_dir, metric = Path(metrics_dir), TASK_METRICS[task][0]
+    rows = []
+    for variant in variants:
+        recipe = recipes.get(variant, {})
+        row = {"variant": variant, "student": recipe.get("student", "?"), "knowledge": recipe.get("knowledge", "?"),
+               "layers": recipe.get("layers", "?"), "stages": recipe.get("stages", "?"), "seeds": str(len(seeds))}
+        for split in ("dev", "test"):
+            found, absent = _seed_values(metrics_dir, task, variant, seeds, split, metric)
+            name = f"{split} {METRIC_LABELS.get(metric, metric)} (%)"
+            where = metrics_dir / "eval" / task / f"{variant}_seed{{{','.join(map(str, absent))}}}.json"
+            row[name] = missing(where) if absent else mean_std(found, decimals)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def latency_table(metrics_dir: str | Path, decimals: int = 2) -> pd.DataFrame:
+    """Table 3: ms per example of the teacher, the dual encoder and the dual encoder with cached image
+    representations, and the speed-ups over the teacher, per scale (embedded models / paper-size ViLT-B/32), task and
+    batch size, from ``metrics/bench/latency.json``."""
+    path = Path(metrics_dir) / "bench" / "latency.json"
+    latency = read_json(path)
+    if latency is None:
+        return pd.DataFrame([{"scale": missing(path)}]).set_index("scale")
+    rows = []
+    for scale in ("embedded", "paper"):
+        for task, sizes in (latency.get(scale) or {}).items():
+            for size, r in sizes.items():
+                rows.append({"scale": scale, "task": task, "batch": str(size),
+                             "teacher ms": f"{r['teacher_ms']:.{decimals}f}", "dual ms": f"{r['dual_ms']:.{decimals}f}",
+                             "dual, images cached ms": f"{r['dual_cached_ms']:.{decimals}f}",
+                             "speed-up (dual)": f"{r['speedup_uncached']:.1f}×",
+                             "speed-up (cached)": f"{r['speedup_cached']:.1f}×"})
+    if not rows:
+        return pd.DataFrame([{"scale": f"no scales in {path}"}]).set_index("scale")
+    return pd.DataFrame(rows)
+
+
+def retrieval_cost_table(metrics_dir: str | Path) -> pd.DataFrame:
+    """Seconds to score N images × 5N captions (``metrics/bench/retrieval.json``): dual encoder vs fusion teacher,
+    saying which numbers are extrapolated from a sample."""
+    path = Path(metrics_dir) / "bench" / "retrieval.json"
+    cost = read_json(path)
+    if cost is None:
+        return pd.DataFrame([{"scale": missing(path)}]).set_index("scale")
+    rows = []
+    for scale, sizes in cost.items():
+        if not isinstance(sizes, dict) or scale in ("device",):
+            continue
+        for n, r in sizes.items():
+            if not isinstance(r, dict) or "dual_s" not in r:
+                continue
+            rows.append({"scale": scale, "N images": str(n), "captions": str(5 * int(n)),
+                         "dual encoder s": f"{r['dual_s']:.3g}" + (" (extrapolated)" if r.get("dual_measured") ==
+                                                                  "extrapolated" else ""),
+                         "fusion teacher s": f"{r['teacher_s']:.3g}" + (
+                             f" (extrapolated from {r['teacher_pairs_sampled']} pairs)"
+                             if r.get("teacher_extrapolated") else ""),
+                         "speed-up": f"{r['teacher_s'] / r['dual_s']:.0f}×"})
+    if not rows:
+        return pd.DataFrame([{"scale": f"no sizes in {path}"}]).set_index("scale")
+    return pd.DataFrame(rows)
