@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from vldistill.data.datasets import EncodedSplit
+from vldistill.evaluate.predictions import answered, predictions
 from vldistill.report import figures, tables
 from vldistill.report.render import Document
 
@@ -101,3 +104,36 @@ def test_figures_and_documents_are_written(metrics, tmp_path):
     assert "![latency bars](figures/latency.png)" in md and "| scale" in md
     assert '<img src="figures/latency.png"' in page and "<code>code</code>" in page and "<table" in page
     assert "[latency bars](figures/latency.png)" in (out / "README.md").read_text()
+
+
+class _FixedModel(torch.nn.Module):
+    """Logits that favour class ``row % C``: predictions are known in advance."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def classify(self, input_ids, attention_mask, pixel_values):
+        rows = input_ids[:, 0]
+        return torch.nn.functional.one_hot(rows % self.classes, self.classes).float()
+
+
+def _split(n: int, answers: int, answered: bool) -> EncodedSplit:
+    ids = torch.arange(n)[:, None].repeat(1, 4)
+    targets = torch.zeros(n, answers)
+    if answered:
+        targets[:, 0] = 1.0
+    return EncodedSplit(columns={"input_ids": ids, "attention_mask": torch.ones(n, 4, dtype=torch.long),
+                                 "image": torch.zeros(n, dtype=torch.long), "targets": targets},
+                        images=torch.zeros(1, 8, 8, 3, dtype=torch.uint8), pixel_norm="unit",
+                        texts=[f"q{i}" for i in range(n)])
+
+
+def test_vqa_predictions_are_the_submission_format_and_unanswered_splits_are_recognised():
+    split = _split(5, 3, answered=False)
+    records = predictions(_FixedModel(3), split, "vqa", question_ids=[10, 11, 12, 13, 14], answers=["yes", "no", "2"])
+    assert records == [{"question_id": 10 + i, "answer": ["yes", "no", "2"][i % 3]} for i in range(5)]
+    assert not answered(split) and answered(_split(5, 3, answered=True))
+    with pytest.raises(ValueError, match="question_ids"):
+        predictions(_FixedModel(3), split, "vqa")
+    assert predictions(_FixedModel(3), split, "snli_ve")[4] == {"example": 4, "label": 1}

@@ -34,6 +34,11 @@ def eval_metrics(task: str, model: str) -> Path:
     return Path("metrics/eval", task, f"{model}.json")
 
 
+def predictions(task: str, model: str) -> Path:
+    """``predictions/<task>/<model>.json``: per-example test predictions (VQA: the submission format)."""
+    return Path("predictions", task, f"{model}.json")
+
+
 def attention_figure(task: str) -> Path:
     """``reports/attention/<task>.png``: teacher vs student text→image attention on a few test examples."""
     return Path("reports/attention", f"{task}.png")

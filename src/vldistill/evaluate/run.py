@@ -8,7 +8,9 @@ from vldistill import paths
 from vldistill.config import Params
 from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
+from vldistill.data.prepared import read_answers, read_split
 from vldistill.evaluate.metrics import task_metrics
+from vldistill.evaluate.predictions import answered, predictions
 from vldistill.io import write_json
 from vldistill.models.fusion import load_student
 from vldistill.models.teacher import ViltTeacher
@@ -31,18 +33,27 @@ def models_for(task: str, params: Params) -> dict[str, object]:
 
 def evaluate_task(params: Params, task: str) -> dict[str, dict]:
     """Write ``metrics/eval/<task>/<model>.json = {"dev": {<metric>: value}, "test": {...}}`` for every model
-    (metrics of :func:`task_metrics`: accuracy, vqa_score, or retrieval recalls over every caption and image)."""
+    (metrics of :func:`task_metrics`: accuracy, vqa_score, or retrieval recalls over every caption and image) and its
+    test predictions ``predictions/<task>/<model>.json`` (:mod:`vldistill.evaluate.predictions`; on VQA the
+    submission format). A VQA test split without answers (VQAv2 test-dev at paper scale) gets no test metrics: the
+    evaluation server scores the submission file."""
     torch.manual_seed(params.seed)
     tokenizer = tok.load(paths.TOKENIZER)
     splits = {s: load_split(paths.PREPARED, task, s, tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
               for s in SPLITS}
+    scored = [s for s in SPLITS if task != "vqa" or answered(splits[s])]
+    vqa = {}
+    if task == "vqa":
+        vqa = {"question_ids": read_split(paths.PREPARED, task, "test")["question_id"].tolist(),
+               "answers": read_answers(paths.PREPARED, task)}
     results = {}
     for name, path in models_for(task, params).items():
         model = ViltTeacher.load(path) if name == "teacher" else load_student(path)
         model.eval()
-        results[name] = {split: {k: round(v, 6) for k, v in task_metrics(model, data, task).items()}
-                         for split, data in splits.items()}
+        results[name] = {split: {k: round(v, 6) for k, v in task_metrics(model, splits[split], task).items()}
+                         for split in scored}
         write_json(paths.eval_metrics(task, name), results[name])
+        write_json(paths.predictions(task, name), predictions(model, splits["test"], task, **vqa))
     return results
 
 
