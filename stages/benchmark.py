@@ -25,7 +25,8 @@ def main() -> None:
                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracker.log_artifact(paths.LATENCY)
         tracker.log_artifact(RETRIEVAL)
-    print(f"{'scale':9}{'task':9}{'batch':>6}{'teacher ms':>12}{'dual ms':>10}{'cached ms':>11}{'x dual':>8}{'x cached':>9}")
+    print(f"{'scale':9}{'task':9}{'batch':>6}{'teacher ms':>12}{'dual ms':>10}{'cached ms':>11}"
+          f"{'x dual':>8}{'x cached':>9}")
     for scale in SCALES:
         for task, sizes in latency.get(scale, {}).items():
             for size, row in sizes.items():

@@ -47,7 +47,8 @@ def fake_timer(*seconds: float):
 def test_default_paper_architecture_is_vilt_b32():
     arch = load(ROOT / "params.yaml").bench.paper.architecture
     assert arch == PaperArchitecture()
-    assert (arch.hidden_size, arch.num_layers, arch.num_heads, arch.intermediate_size, arch.patch_size) == (768, 12, 12, 3072, 32)
+    assert (arch.hidden_size, arch.num_layers, arch.num_heads, arch.intermediate_size, arch.patch_size) == \
+        (768, 12, 12, 3072, 32)
     assert (arch.image_size, arch.text_len, arch.vocab_size, arch.vqa_answers) == ([384, 640], 40, 30522, 3129)
     assert paper.describe(arch)["image_tokens"] == 241
     assert load(ROOT / "params.paper.yaml").bench.paper.architecture == PaperArchitecture()
@@ -59,7 +60,8 @@ def test_default_paper_architecture_is_vilt_b32():
     ("bench.paper.batch_sizes=[1, 1]", "bench.paper.batch_sizes=[1, 1]: must be a non-empty list of distinct"),
     ("bench.retrieval_max=50", "bench.retrieval_max=50: Input should be greater than or equal to 100"),
     ("bench.paper.max_seconds=0", "bench.paper.max_seconds=0: Input should be greater than 0"),
-    ("bench.paper.architecture.image_size=[384, 600]", "bench.paper.architecture.image_size=[384, 600]: must be [H, W]"),
+    ("bench.paper.architecture.image_size=[384, 600]",
+     "bench.paper.architecture.image_size=[384, 600]: must be [H, W]"),
     ("bench.paper.architecture.num_heads=5", "bench.paper.architecture.hidden_size=768: must be a multiple"),
     ("bench.paper.gpu=true", "unknown key 'bench.paper.gpu' (allowed keys: enabled,"),
 ])
@@ -249,8 +251,9 @@ def test_paper_block_can_be_disabled_and_random_embedded_retrieval_models(traine
 def test_training_step_timer_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     result = gpu.main(["--params", str(ROOT / "params.yaml"), "--task", "nlvr2", "--batch-size", "2", "--device", "cpu",
-                       "--peak-tflops", "0.5", "--out", str(out), "-S", f"bench.paper.architecture={json.dumps(TINY_ARCH)}",
-                       "-S", "bench.paper.warmup=0", "-S", "bench.paper.min_repeats=1", "-S", "bench.paper.max_repeats=1"])
+                       "--peak-tflops", "0.5", "--out", str(out),
+                       "-S", f"bench.paper.architecture={json.dumps(TINY_ARCH)}", "-S", "bench.paper.warmup=0",
+                       "-S", "bench.paper.min_repeats=1", "-S", "bench.paper.max_repeats=1"])
     assert json.loads(out.read_text()) == result
     assert result["device"]["name"] == "cpu" and result["task"] == "nlvr2" and result["precision"] == "32"
     assert result["knowledge"] == ["gt", "soft", "attn_cross"] and result["tflop_per_step"] > 0

@@ -48,7 +48,8 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def training_batch(task: str, size: int, arch: PaperArchitecture, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def training_batch(task: str, size: int, arch: PaperArchitecture, device: str,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
     """A synthetic batch with the task's labels: ``labels (B,)`` (nlvr2, snli_ve) or VQA's soft scores
     ``targets (B, A)``."""
     batch = synthetic_batch(task, size, arch.text_len, arch.vocab_size, arch.image_size, seed)
@@ -74,8 +75,8 @@ def distill_step(task: str, arch: PaperArchitecture, recipe: DistillParams, batc
     views = objectives.needs_views(recipe.knowledge)
     extras = KnowledgeModules(set(recipe.knowledge), pairs, student.config.hidden_size, teacher.config.hidden_size,
                               recipe.nce.queue_size, recipe.nce.temperature).to(device)
-    loss_fn = objectives.dide_loss(recipe, pairs, lambda b: objectives.teacher_targets(teacher, b, teacher_layers, views),
-                                   extras)
+    teacher_fn = lambda b: objectives.teacher_targets(teacher, b, teacher_layers, views)  # noqa: E731
+    loss_fn = objectives.dide_loss(recipe, pairs, teacher_fn, extras)
     optimizer = torch.optim.AdamW([*student.parameters(), *extras.parameters()], lr=1e-4)
     batch = training_batch(task, batch_size, arch, device)
     def autocast():
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = time_distill_step(args.task, params.bench.paper, params.distill, args.batch_size, args.device, precision,
                                args.peak_tflops)
     write_json(args.out, result)
-    print(f"{result['device']['name']}: {args.task} batch {args.batch_size} {precision}: {result['step_ms']:.1f} ms/step, "
+    print(f"{result['device']['name']}: {args.task} batch {args.batch_size} {precision}: "
+          f"{result['step_ms']:.1f} ms/step, "
           f"{result['ms_per_example']:.2f} ms/example, {result['achieved_tflops']:.1f} TFLOP/s, MFU {result['mfu']}")
     return result
 

@@ -21,7 +21,8 @@ def cached_images(student, batch: dict, precompute: bool = True) -> list[torch.T
     """The image [CLS] vectors a server with an image index would hold: ``[(B, D)]`` per image of an example
     (NLVR2: left, right). ``precompute=False`` gives random vectors of the same shape instead: the cached path's
     cost does not depend on their values, and at paper size on CPU the image-tower pass it saves takes seconds."""
-    keys = [("pixel_values_left", 1), ("pixel_values_right", 2)] if "pixel_values_left" in batch else [("pixel_values", 1)]
+    pair = "pixel_values_left" in batch
+    keys = [("pixel_values_left", 1), ("pixel_values_right", 2)] if pair else [("pixel_values", 1)]
     size, dim = batch["input_ids"].shape[0], student.config.hidden_size
     with torch.inference_mode():
         if precompute:
@@ -36,7 +37,8 @@ def latency_calls(teacher, student, batch: dict, cached: list[torch.Tensor]) -> 
 
     - ``teacher``: one joint ViLT pass per image + classifier;
     - ``dual``: text tower once, image tower per image, fusion MLP + classifier;
-    - ``dual_cached``: text tower + fusion MLP + classifier, image [CLS] vectors ``cached`` (from :func:`cached_images`).
+    - ``dual_cached``: text tower + fusion MLP + classifier, image [CLS] vectors ``cached``
+      (from :func:`cached_images`).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if "pixel_values_left" in batch:

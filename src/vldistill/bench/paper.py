@@ -45,7 +45,8 @@ def paper_models(task: str, arch: PaperArchitecture, seed: int = 0) -> tuple[Vil
     return teacher, student.eval()
 
 
-def synthetic_texts(n: int, text_len: int, vocab_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_texts(n: int, text_len: int, vocab_size: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids (n, T), attention_mask (n, T))``: random word ids, every position a real token."""
     low = min(1000, vocab_size // 2)  # above BERT's special and unused ids when the vocabulary is large enough
     ids = torch.randint(low, vocab_size, (n, text_len), generator=generator)

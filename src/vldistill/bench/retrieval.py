@@ -77,7 +77,7 @@ def teacher_pair_cost(teacher, inputs: Inputs, pairs: int, timer: Timer) -> Teac
     ids, mask = inputs.ids[:pairs], inputs.mask[:pairs]
     if len(ids) < pairs:
         raise ValueError(f"retrieval_pairs={pairs}: more than the {len(ids)} captions of the sample")
-    pixels = inputs.images[torch.arange(pairs) % len(inputs.images)]
+    pixels = inputs.images[torch.arange(pairs, device=inputs.images.device) % len(inputs.images)]
     with torch.inference_mode():
         times = timer(lambda: teacher.rank_score(ids, mask, pixels))
     return TeacherCost(statistics.median(times) / pairs, pairs * len(times))
@@ -95,8 +95,9 @@ def dual_unit_costs(student, inputs: Inputs, batch_size: int, timer: Timer) -> D
 def matrix_seconds(student, n: int, timer: Timer) -> float:
     """Median seconds of ``itc_logits`` on ``5n`` caption and ``n`` image vectors (projections, normalisation, the
     ``(5n, n)`` product)."""
-    dim = student.config.hidden_size
-    texts, images = torch.randn(CAPTIONS_PER_IMAGE * n, dim), torch.randn(n, dim)
+    dim, device = student.config.hidden_size, student.logit_scale.device
+    texts = torch.randn(CAPTIONS_PER_IMAGE * n, dim, device=device)
+    images = torch.randn(n, dim, device=device)
     with torch.inference_mode():
         return statistics.median(timer(lambda: student.itc_logits(texts, images)))
 

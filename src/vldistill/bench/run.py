@@ -7,9 +7,9 @@
   when ``bench.paper.enabled``.
 
 Writes ``metrics/bench/latency.json`` = ``{"embedded"|"paper": {task: {"<batch>": row}}, "device": {...},
-"setup": {...}}`` (rows: :func:`vldistill.bench.latency.latency_row`) and ``metrics/bench/retrieval.json`` =
-``{"embedded"|"paper": {"<N>": row}, "device": {...}, "setup": {...}}`` (rows:
-:func:`vldistill.bench.retrieval.scaling_row`).
+"setup": {"<scale>": {...}, "units": {...}}}`` (rows: :func:`vldistill.bench.latency.latency_row`) and
+``metrics/bench/retrieval.json`` = ``{"embedded"|"paper": {"<N>": row}, "device": {...}, "setup": {...}}``
+(rows: :func:`vldistill.bench.retrieval.scaling_row`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def embedded_latency(params: Params) -> dict[str, dict]:
     for task in tasks:
         teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().to(bench.device)
         student = DualEncoder.load(paths.model_dir("distill_finetune", task, "dide")).eval().to(bench.device)
-        split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
+        split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len,
+                           params.teacher.pixel_norm)
         flops = task_flops(teacher, student, _to(split.collate([0]), bench.device))
         results[task] = {}
         for size in bench.batch_sizes:
@@ -185,21 +186,41 @@ def paper_retrieval(bench: BenchParams) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------------------------------- the stage
-def setup(params: Params, models: str = "trained") -> dict:
-    """How each scale was measured (recorded beside the numbers)."""
-    bench = params.bench
-    timing = ("warmup", "min_repeats", "max_repeats", "rel_tol", "max_seconds", "threads")
-    out = {"embedded": {"models": models, "inputs": "test split, first <batch> examples",
-                        **{k: getattr(bench, k) for k in timing}, "batch_sizes": bench.batch_sizes,
-                        "warmup_per": "measurement"}}
+TIMING = ("warmup", "min_repeats", "max_repeats", "rel_tol", "max_seconds", "threads")
+
+
+def _timing(knobs) -> dict:
+    return {k: getattr(knobs, k) for k in TIMING}
+
+
+def latency_setup(bench: BenchParams) -> dict:
+    """How each latency scale was measured (recorded beside the numbers)."""
+    out = {"embedded": {"models": "trained: models/teacher_finetune/<task>, models/distill_finetune/<task>/dide",
+                        "inputs": "test split, first <batch> examples", "batch_sizes": bench.batch_sizes,
+                        "warmup_per": "measurement", **_timing(bench)},
+           "units": UNITS}
     if bench.paper.enabled:
         knobs = bench.paper
-        out["paper"] = {"models": "ViLT-B/32 teacher and dual encoder, random weights", "inputs": "synthetic",
-                        "architecture": paper_size.describe(knobs.architecture),
-                        **{k: getattr(knobs, k) for k in timing},
+        out["paper"] = {"models": "ViLT-B/32 teacher and its dual encoder (architecture), random weights",
+                        "architecture": paper_size.describe(knobs.architecture), "inputs": "synthetic",
                         "batch_sizes": sorted(knobs.batch_sizes or bench.batch_sizes),
-                        "warmup_per": "measurement" if bench.device == "cuda" else "model (before its smallest batch)",
-                        "cached_images": "random vectors (cost does not depend on values)"}
+                        "warmup_per": "measurement" if bench.device == "cuda" else "model, before its smallest batch",
+                        "cached_images": "random vectors (the cost does not depend on their values)",
+                        **_timing(knobs)}
+    return out
+
+
+def retrieval_setup(bench: BenchParams, models: str) -> dict:
+    """How each retrieval scale was measured (recorded beside the numbers)."""
+    out = {"embedded": {"models": models, "inputs": "synthetic", "retrieval_pairs": bench.retrieval_pairs,
+                        "retrieval_batch": bench.retrieval_batch, **_timing(bench)},
+           "units": RETRIEVAL_UNITS}
+    if bench.paper.enabled:
+        knobs = bench.paper
+        out["paper"] = {"models": "ViLT-B/32 teacher (rank head) and its dual encoder, random weights",
+                        "architecture": paper_size.describe(knobs.architecture), "inputs": "synthetic",
+                        "retrieval_pairs": knobs.retrieval_pairs, "retrieval_batch": knobs.retrieval_batch,
+                        **_timing(knobs)}
     return out
 
 
@@ -212,8 +233,7 @@ def run_latency(params: Params) -> dict:
     if bench.paper.enabled:
         with torch_threads(bench.paper.threads):
             results["paper"] = paper_latency(bench)
-    results["device"] = device_info(bench)
-    results["setup"] = setup(params) | {"units": UNITS}
+    results |= {"device": device_info(bench), "setup": latency_setup(bench)}
     write_json(paths.LATENCY, results)
     return results
 
@@ -228,13 +248,7 @@ def run_retrieval(params: Params) -> dict:
     if bench.paper.enabled:
         with torch_threads(bench.paper.threads):
             results["paper"] = paper_retrieval(bench)
-    results["device"] = device_info(bench)
-    info = setup(params, models)
-    info["embedded"] |= {"inputs": "synthetic", "retrieval_pairs": bench.retrieval_pairs,
-                         "retrieval_batch": bench.retrieval_batch}
-    if "paper" in info:
-        info["paper"] |= {"retrieval_pairs": bench.paper.retrieval_pairs, "retrieval_batch": bench.paper.retrieval_batch}
-    results["setup"] = info | {"units": RETRIEVAL_UNITS}
+    results |= {"device": device_info(bench), "setup": retrieval_setup(bench, models)}
     write_json(RETRIEVAL, results)
     return results
 
