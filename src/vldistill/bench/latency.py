@@ -70,7 +70,7 @@ def latency_row(times: dict[str, list[float]], batch: int, flops: dict[str, int]
     row["speedup_uncached"] = round(stats["teacher"]["median"] / stats["dual"]["median"], 3)
     row["speedup_cached"] = round(stats["teacher"]["median"] / stats["dual_cached"]["median"], 3)
     for way, value in (flops or {}).items():
-        row[f"{way}_gflop"] = round(value / 1e9, 4)
+        row[f"{way}_gflop"] = float(f"{value / 1e9:.5g}")
     return row
 
 

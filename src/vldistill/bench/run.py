@@ -201,7 +201,7 @@ def latency_setup(bench: BenchParams) -> dict:
            "units": UNITS}
     if bench.paper.enabled:
         knobs = bench.paper
-        out["paper"] = {"models": "ViLT-B/32 teacher and its dual encoder (architecture), random weights",
+        out["paper"] = {"models": "teacher and dual encoder of this architecture (default ViLT-B/32), random weights",
                         "architecture": paper_size.describe(knobs.architecture), "inputs": "synthetic",
                         "batch_sizes": sorted(knobs.batch_sizes or bench.batch_sizes),
                         "warmup_per": "measurement" if bench.device == "cuda" else "model, before its smallest batch",
@@ -217,7 +217,8 @@ def retrieval_setup(bench: BenchParams, models: str) -> dict:
            "units": RETRIEVAL_UNITS}
     if bench.paper.enabled:
         knobs = bench.paper
-        out["paper"] = {"models": "ViLT-B/32 teacher (rank head) and its dual encoder, random weights",
+        out["paper"] = {"models": "teacher (rank head) and dual encoder of this architecture (default ViLT-B/32), "
+                                  "random weights",
                         "architecture": paper_size.describe(knobs.architecture), "inputs": "synthetic",
                         "retrieval_pairs": knobs.retrieval_pairs, "retrieval_batch": knobs.retrieval_batch,
                         **_timing(knobs)}
