@@ -22,7 +22,12 @@ TINY = {
     "student": {"fusion_hidden": 32},
     "train": {stage: {"epochs": 1, "batch_size": 16, "lr": 1.0e-3, "log_every": 2}
               for stage in ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune")},
-    "bench": {"batch_sizes": [1, 4], "warmup": 1, "min_repeats": 3, "max_repeats": 5},
+    "bench": {"batch_sizes": [1, 4], "warmup": 1, "min_repeats": 3, "max_repeats": 5, "retrieval_max": 100,
+              "retrieval_pairs": 32, "retrieval_batch": 64,
+              "paper": {"batch_sizes": [1, 2], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "threads": 1,
+                        "architecture": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                                         "patch_size": 16, "image_size": [32, 48], "text_len": 8, "vocab_size": 120,
+                                         "vqa_answers": 7, "fusion_hidden": 32}}},
 }
 
 

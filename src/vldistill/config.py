@@ -415,22 +415,82 @@ class TrainParams(Strict):
         return self
 
 
+def _check_timing(section):
+    """Shared checks of a timing section: batch sizes positive, ``min_repeats <= max_repeats``."""
+    sizes = section.batch_sizes
+    if sizes is not None and (not sizes or any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes)):
+        raise ValueError(f"batch_sizes={sizes}: must be a non-empty list of distinct positive ints")
+    if section.min_repeats > section.max_repeats:
+        raise ValueError(f"min_repeats={section.min_repeats}: must be <= max_repeats={section.max_repeats}")
+    return section
+
+
+class PaperArchitecture(Strict):
+    """The models timed at ``paper`` scale: ViLT-B/32 (DiDE's teacher) and its dual encoder, random weights (timing
+    does not depend on them), one image of ``image_size = [H, W]`` (241 image tokens at 384×640) and ``text_len``
+    text tokens. The defaults ARE the paper's size; tests shrink them to run in seconds."""
+
+    hidden_size: int = Field(768, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(3072, ge=8)
+    patch_size: int = Field(32, ge=1)
+    image_size: list[int] = Field([384, 640], description="[H, W] in pixels, multiples of patch_size")
+    text_len: int = Field(40, ge=4, le=512, description="text tokens per example (ViLT's max_text_len)")
+    vocab_size: int = Field(30522, ge=8, description="bert-base-uncased")
+    vqa_answers: int = Field(3129, ge=1, description="VQAv2 answers of ViLT's head")
+    fusion_hidden: int = Field(768, ge=8, description="width of the dual encoder's fusion MLP")
+
+    @model_validator(mode="after")
+    def _shapes_fit(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size}: must be a multiple of num_heads={self.num_heads}")
+        if len(self.image_size) != 2 or any(s < self.patch_size or s % self.patch_size for s in self.image_size):
+            raise ValueError(f"image_size={self.image_size}: must be [H, W], multiples of patch_size={self.patch_size}")
+        return self
+
+
+class PaperBenchParams(Strict):
+    """Latency at the paper's size (:class:`PaperArchitecture`) on ``bench.device``, beside the trained embedded
+    models. On CPU one ViLT-B/32 pass takes about a second, hence few repeats, a time cap per measurement and
+    ``warmup`` calls once per model (before its smallest batch; before every batch on CUDA)."""
+
+    enabled: bool = True
+    batch_sizes: list[int] | None = Field(None, description="null: bench.batch_sizes")
+    warmup: int = Field(1, ge=0, description="untimed calls per model before its first measurement")
+    min_repeats: int = Field(2, ge=1)
+    max_repeats: int = Field(10, ge=1)
+    rel_tol: float = Field(0.05, gt=0, description="stop repeating once the median moves less than this")
+    max_seconds: float | None = Field(
+        8.0, gt=0, description="stop repeating once a measurement's timed calls add up to this (after min_repeats)")
+    threads: int = Field(2, ge=1, description="torch intra-op threads while timing on CPU")
+    retrieval_pairs: int = Field(2, ge=1, description="teacher (caption, image) pairs per timed call")
+    retrieval_batch: int = Field(8, ge=1, description="images / captions per timed dual-encoder encoding call")
+    architecture: PaperArchitecture = PaperArchitecture()
+
+    _valid = model_validator(mode="after")(_check_timing)
+
+
 class BenchParams(Strict):
+    """``benchmark``: latency per example (``metrics/bench/latency.json``) of the trained embedded models and, with
+    ``paper.enabled``, of ViLT-B/32-size ones; retrieval cost against the gallery size N (N images, 5N captions) for
+    N in 100, 300, 1000, 5000 up to ``retrieval_max`` (``metrics/bench/retrieval.json``)."""
+
     batch_sizes: list[int] = [1, 32]
     device: Literal["cpu", "cuda"] = "cpu"
-    warmup: int = Field(3, ge=0)
+    warmup: int = Field(3, ge=0, description="untimed calls before every measurement")
     min_repeats: int = Field(5, ge=3)
     max_repeats: int = Field(50, ge=3)
     rel_tol: float = Field(0.05, gt=0, description="stop repeating once the median moves less than this")
+    max_seconds: float | None = Field(
+        None, gt=0, description="stop repeating once a measurement's timed calls add up to this (after min_repeats)")
     threads: int = Field(1, ge=1, description="torch intra-op threads while timing")
+    retrieval_max: int = Field(1000, ge=100, description="largest gallery size N timed (of 100, 300, 1000, 5000)")
+    retrieval_pairs: int = Field(256, ge=1, description="teacher (caption, image) pairs per timed call")
+    retrieval_batch: int = Field(256, ge=1, description="images / captions per dual-encoder encoding call")
+    paper: PaperBenchParams = PaperBenchParams()
 
-    @model_validator(mode="after")
-    def _valid(self):
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes={self.batch_sizes}: must be a non-empty list of positive ints")
-        if self.min_repeats > self.max_repeats:
-            raise ValueError("min_repeats must be <= max_repeats")
-        return self
+    _valid = model_validator(mode="after")(_check_timing)
 
 
 class AblationParams(Strict):

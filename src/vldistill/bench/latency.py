@@ -1,83 +1,91 @@
 """Per-example latency of the fusion teacher vs the dual encoder, with and without cached image representations.
 
-Each measurement: ``warmup`` untimed calls, then timed calls under ``torch.inference_mode`` until at least
-``min_repeats`` were made and the running median moved by less than ``rel_tol`` over the last call (or
-``max_repeats`` is reached). On CUDA, CUDA events time the calls. All ratios come from one run on one device.
+One row per (task, batch size): median and mean milliseconds per example of three ways to answer a batch, the two
+speed-ups of the dual encoder, and optionally the floating-point operations per example of each way. All ratios
+come from one process on one device. How each call is timed is :mod:`vldistill.bench.timing`.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable
 
 import torch
 
-from vldistill.config import BenchParams
+from vldistill.bench.timing import Timer, count_flops, summarise
+
+WAYS = ("teacher", "dual", "dual_cached")
+"""The three ways timed; row keys are ``<way>_ms``, ``<way>_ms_mean``, ``<way>_repeats`` (and ``<way>_gflop``)."""
 
 
-def time_calls(fn: Callable[[], object], bench: BenchParams, device: str = "cpu") -> list[float]:
-    """Seconds per call of ``fn`` (a list of at least ``bench.min_repeats`` timings)."""
-    for _ in range(bench.warmup):
-        fn()
-    times: list[float] = []
-    previous = None
-    while len(times) < bench.max_repeats:
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        median = statistics.median(times)
-        if len(times) >= bench.min_repeats and previous is not None and abs(median - previous) <= bench.rel_tol * previous:
-            break
-        previous = median
-    return times
+def cached_images(student, batch: dict, precompute: bool = True) -> list[torch.Tensor]:
+    """The image [CLS] vectors a server with an image index would hold: ``[(B, D)]`` per image of an example
+    (NLVR2: left, right). ``precompute=False`` gives random vectors of the same shape instead: the cached path's
+    cost does not depend on their values, and at paper size on CPU the image-tower pass it saves takes seconds."""
+    pair = "pixel_values_left" in batch
+    keys = [("pixel_values_left", 1), ("pixel_values_right", 2)] if pair else [("pixel_values", 1)]
+    size, dim = batch["input_ids"].shape[0], student.config.hidden_size
+    with torch.inference_mode():
+        if precompute:
+            return [student.encode_image(batch[key], kind).cls for key, kind in keys]
+        device = batch["input_ids"].device
+        return [torch.randn(size, dim, device=device) for _ in keys]
 
 
-def summarise(times: list[float], batch: int) -> dict[str, float]:
-    """Median and mean milliseconds per EXAMPLE (call time / batch)."""
-    return {"median": 1000 * statistics.median(times) / batch, "mean": 1000 * statistics.fmean(times) / batch,
-            "repeats": len(times)}
-
-
-def task_latency(teacher, student, batch: dict, bench: BenchParams, device: str = "cpu") -> dict[str, float]:
-    """Time one batch of a classification task three ways (NLVR2: a pair of images per example; SNLI-VE, VQA: one):
+def latency_calls(teacher, student, batch: dict, cached: list[torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+    """The three ways to answer ``batch`` (NLVR2: a pair of images per example; SNLI-VE, VQA: one), each returning
+    the task logits ``(B, C)``:
 
     - ``teacher``: one joint ViLT pass per image + classifier;
     - ``dual``: text tower once, image tower per image, fusion MLP + classifier;
-    - ``dual_cached``: text tower + fusion only, image [CLS] vectors precomputed (as a server with an image index).
+    - ``dual_cached``: text tower + fusion MLP + classifier, image [CLS] vectors ``cached``
+      (from :func:`cached_images`).
     """
-    size = batch["input_ids"].shape[0]
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    if "pixel_values_left" in batch:
+        left, right = batch["pixel_values_left"], batch["pixel_values_right"]
+        return {
+            "teacher": lambda: teacher.nlvr2_logits(ids, mask, left, right),
+            "dual": lambda: student.nlvr2_logits(ids, mask, left, right),
+            "dual_cached": lambda: student.nlvr2_from_cls(student.encode_text(ids, mask).cls, *cached),
+        }
+    pixels = batch["pixel_values"]
+    return {
+        "teacher": lambda: teacher.classify(ids, mask, pixels),
+        "dual": lambda: student.classify(ids, mask, pixels),
+        "dual_cached": lambda: student.classify_from_cls(student.encode_text(ids, mask).cls, cached[0]),
+    }
+
+
+def latency_row(times: dict[str, list[float]], batch: int, flops: dict[str, int] | None = None) -> dict[str, float]:
+    """One row of ``latency.json`` from the timed calls (seconds per call) of each way at batch size ``batch``:
+    ``<way>_ms`` (median ms per example), ``<way>_ms_mean``, ``<way>_repeats``, ``speedup_uncached`` =
+    teacher / dual and ``speedup_cached`` = teacher / dual_cached (ratios of the medians); with ``flops`` (per
+    example) also ``<way>_gflop``."""
+    stats = {way: summarise(times[way], batch) for way in WAYS}
+    row: dict[str, float] = {}
+    for way, s in stats.items():
+        row[f"{way}_ms"] = round(s["median"], 4)
+        row[f"{way}_ms_mean"] = round(s["mean"], 4)
+        row[f"{way}_repeats"] = s["repeats"]
+    row["speedup_uncached"] = round(stats["teacher"]["median"] / stats["dual"]["median"], 3)
+    row["speedup_cached"] = round(stats["teacher"]["median"] / stats["dual_cached"]["median"], 3)
+    for way, value in (flops or {}).items():
+        row[f"{way}_gflop"] = float(f"{value / 1e9:.5g}")
+    return row
+
+
+def task_flops(teacher, student, batch: dict, precompute: bool = True) -> dict[str, int]:
+    """Floating-point operations PER EXAMPLE of each way on ``batch`` (one untimed call each)."""
+    calls = latency_calls(teacher, student, batch, cached_images(student, batch, precompute))
+    size = batch["input_ids"].shape[0]
     with torch.inference_mode():
-        if "pixel_values_left" in batch:
-            left, right = batch["pixel_values_left"], batch["pixel_values_right"]
-            cached_left = student.encode_image(left, 1).cls
-            cached_right = student.encode_image(right, 2).cls
-            runs = {
-                "teacher": lambda: teacher.nlvr2_logits(ids, mask, left, right),
-                "dual": lambda: student.nlvr2_logits(ids, mask, left, right),
-                "dual_cached": lambda: student.nlvr2_from_cls(student.encode_text(ids, mask).cls, cached_left,
-                                                              cached_right),
-            }
-        else:
-            pixels = batch["pixel_values"]
-            cached = student.encode_image(pixels).cls
-            runs = {
-                "teacher": lambda: teacher.classify(ids, mask, pixels),
-                "dual": lambda: student.classify(ids, mask, pixels),
-                "dual_cached": lambda: student.classify_from_cls(student.encode_text(ids, mask).cls, cached),
-            }
-        stats = {name: summarise(time_calls(fn, bench, device), size) for name, fn in runs.items()}
-    out = {f"{name}_ms": round(s["median"], 4) for name, s in stats.items()}
-    out |= {f"{name}_ms_mean": round(s["mean"], 4) for name, s in stats.items()}
-    out["speedup_uncached"] = round(stats["teacher"]["median"] / stats["dual"]["median"], 3)
-    out["speedup_cached"] = round(stats["teacher"]["median"] / stats["dual_cached"]["median"], 3)
-    return out
+        return {way: count_flops(fn) // size for way, fn in calls.items()}
+
+
+def task_latency(teacher, student, batch: dict, timer: Timer, precompute: bool = True,
+                 flops: dict[str, int] | None = None) -> dict[str, float]:
+    """Time the three ways of :func:`latency_calls` on one batch with ``timer`` → :func:`latency_row`."""
+    calls = latency_calls(teacher, student, batch, cached_images(student, batch, precompute))
+    with torch.inference_mode():
+        times = {way: timer(fn) for way, fn in calls.items()}
+    return latency_row(times, batch["input_ids"].shape[0], flops)
