@@ -58,11 +58,6 @@ def json_records(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def json_lines(path: Path) -> list[dict]:
-    """Parse a JSON-lines file; a malformed line raises :class:`DataError` with ``file:line``."""
-    return [row for _, row in json_records(path)]
-
-
 @contextmanager
 def record(where: str, expected):
     """Turn a missing key or a value of the wrong type while reading one record (``where`` = ``file:line`` or
