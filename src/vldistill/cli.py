@@ -85,8 +85,9 @@ def machine_error(fabric: FabricParams) -> str | None:
         if count == 0:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             hint = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
-            return (f"{shown}: no CUDA GPU is visible on this machine (torch {torch.__version__}, built for CUDA "
-                    f"{torch.version.cuda}{hint}); use fabric.accelerator=cpu")
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            return (f"{shown}: no CUDA GPU is visible on this machine (torch {torch.__version__}, {build}{hint}); "
+                    "use fabric.accelerator=cpu")
         if fabric.devices > count and "SLURM_PROCID" not in os.environ:
             return (f"fabric.devices={fabric.devices}: this machine has {count} CUDA GPU(s); fabric.devices is GPUs "
                     "per node, at most that many")
