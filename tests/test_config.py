@@ -65,6 +65,21 @@ def test_bad_values_fail_in_one_line(override, expected):
         assert fragment in message, message
 
 
+@pytest.mark.parametrize("override, key", [
+    ("data.nlvr2=null", "data.nlvr2=null: task 'nlvr2' is in tasks"),
+    ("variants.x-y={}", "variants.x-y: a variant name"),
+    ("runs.nlvr2-dide.task=vqa", "runs.nlvr2-dide: the key must be '<task>-<variant>' = 'vqa-dide'"),
+    ("ablation.variants=[dide, dide]", "ablation.variants=['dide', 'dide']: lists a variant twice"),
+    ("report.seeds=[1, 1]", "report.seeds=[1, 1]: must be"),
+])
+def test_whole_file_checks_name_their_key(override, key):
+    """Checks across sections say which key to fix; they never dump the whole params (`<top level>={'seed': ...`)."""
+    with pytest.raises(ConfigError) as info:
+        load(ROOT / "params.yaml", [override])
+    assert str(info.value).startswith(f"{ROOT / 'params.yaml'}: {key}"), str(info.value)
+    assert "<top level>" not in str(info.value) and len(str(info.value)) < 400
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load(tmp_path / "nope.yaml")

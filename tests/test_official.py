@@ -183,7 +183,7 @@ def test_empty_split(tmp_path):
     root = snli_fixture(tmp_path / "snli")
     (root / "snli_ve_dev.jsonl").write_text("")
     _expect_one_line("snli_ve", SnliVeData(source="official", root=str(root), image_size=SIZE), tmp_path,
-                     "data.snli_ve", "'dev' is empty")
+                     "snli_ve_dev.jsonl", "no examples", "dev split")
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):

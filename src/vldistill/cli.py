@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from vldistill.config import Params, load_or_exit
+from vldistill.config import FabricParams, Params, load_or_exit
+
+FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "distill_ablation")
+"""Stages (``stages/<name>.py``) that train through Lightning Fabric with ``fabric.*``: this machine is checked against
+``fabric.*`` before they start (:func:`machine_error`)."""
 
 
 def stage_args(description: str, task: bool = False, variant: bool = False, any_data_task: bool = False,
                seed: bool = False) -> tuple[argparse.Namespace, Params]:
     """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` / ``--seed`` and ``-S key=value``
     overrides;
-    validate the params before any work starts (exit status 2 with one line on error)."""
+    validate the params before any work starts (exit status 2 with one line on error). Then, before any work too:
+    prepare checks that an official source's directories exist (or can be downloaded), and a training stage checks
+    that this machine has the accelerator, devices and precision ``fabric.*`` asks for."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -30,10 +37,84 @@ def stage_args(description: str, task: bool = False, variant: bool = False, any_
         allowed = [name for name in type(params.data).model_fields if name != "scene" and getattr(params.data, name)]
         if args.task not in allowed:
             parser.exit(2, f"error: --task {args.task!r}: no data.{args.task} section (have: {allowed})\n")
+        from vldistill.data.download import missing_source
+
+        problem = missing_source(args.task, getattr(params.data, args.task))
+        if problem:
+            parser.exit(2, f"error: {problem}\n")
     elif task and args.task not in ("pretrain", *params.tasks):
         parser.exit(2, f"error: --task {args.task!r}: not an enabled task (tasks: {list(params.tasks)})\n")
     if variant and args.variant not in params.variants:
         parser.exit(2, f"error: --variant {args.variant!r}: not in variants (defined: {sorted(params.variants)})\n")
+    if Path(sys.argv[0]).stem in FABRIC_STAGES:
+        problem = machine_error(params.fabric)
+        if problem:
+            parser.exit(2, f"error: {problem}\n")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen under `dvc repro`
     return args, params
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def machine_error(fabric: FabricParams) -> str | None:
+    """What this machine cannot give ``fabric.*``, as one line naming the key; None when it fits.
+
+    ``cpu``: ``devices`` is a number of processes (gloo), at most one per CPU core available here. ``cuda``/``gpu``:
+    a visible CUDA GPU, ``devices`` at most ``torch.cuda.device_count()`` (per node; not checked under SLURM, whose
+    tasks may each see only their own GPU), bf16 precisions only on GPUs with native bf16 (compute capability >= 8.0).
+    ``mps``: available, one device. ``auto`` is resolved as Lightning does (cuda, then mps, then cpu).
+    """
+    import torch
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    accelerator = fabric.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    elif accelerator == "gpu":
+        accelerator = "mps" if mps and not torch.cuda.is_available() else "cuda"
+    shown = f"fabric.accelerator={fabric.accelerator}"
+    if accelerator == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            hint = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            return (f"{shown}: no CUDA GPU is visible on this machine (torch {torch.__version__}, {build}{hint}); "
+                    "use fabric.accelerator=cpu")
+        if fabric.devices > count and "SLURM_PROCID" not in os.environ:
+            return (f"fabric.devices={fabric.devices}: this machine has {count} CUDA GPU(s); fabric.devices is GPUs "
+                    "per node, at most that many")
+        if fabric.precision.startswith("bf16") and not _native_bf16(torch):
+            return (f"fabric.precision={fabric.precision}: {torch.cuda.get_device_name(0)} has no native bfloat16 "
+                    "(compute capability < 8.0); use '16-mixed' or '32-true'")
+        return None
+    if accelerator == "mps":
+        if not mps:
+            return f"{shown}: Apple MPS is not available on this machine; use fabric.accelerator=cpu"
+        if fabric.devices != 1:
+            return f"fabric.devices={fabric.devices}: MPS has one device; use fabric.devices=1"
+        return None
+    if fabric.precision == "16-mixed":  # accelerator: auto on a machine without a GPU
+        return (f"fabric.precision=16-mixed: needs a GPU and {shown} found none here; use '32-true' or 'bf16-mixed' "
+                "on cpu")
+    if fabric.strategy in ("fsdp", "dp"):
+        return f"fabric.strategy={fabric.strategy}: needs a GPU and {shown} found none here; use 'ddp' on cpu"
+    cores = cpu_cores()
+    if fabric.devices > cores:
+        return (f"fabric.devices={fabric.devices}: on cpu each device is a process, and this machine has {cores} CPU "
+                f"core(s) for this run; at most {cores}")
+    return None
+
+
+def _native_bf16(torch) -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no emulation flag
+        return torch.cuda.get_device_capability(0) >= (8, 0)

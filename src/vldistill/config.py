@@ -231,8 +231,8 @@ class StudentParams(Strict):
     hidden_size: int | None = Field(None, ge=8, description="fusion: width (default: the teacher's)")
     num_heads: int | None = Field(None, ge=1, description="fusion: attention heads (default: the teacher's)")
     init: Literal["teacher", "scratch"] = Field(
-        "teacher", description="fusion: copy the teacher's embeddings and a uniform subset of its layers (same width "
-                               "only), or start from random weights")
+        "teacher", description="fusion: copy the teacher's embeddings and a uniform subset of its layers (needs the "
+                               "teacher's width and heads), or start from random weights")
 
 
 class NceParams(Strict):
@@ -328,8 +328,13 @@ class FabricParams(Strict):
 
     @model_validator(mode="after")
     def _precision_fits(self):
+        """What never works on ``accelerator: cpu`` (Lightning would refuse, or silently change it). Whether this
+        machine has the accelerator and ``devices`` of it is checked when a training stage starts
+        (:func:`vldistill.cli.machine_error`), not here: params are validated the same on every machine."""
         if self.accelerator == "cpu" and self.precision == "16-mixed":
             raise ValueError("precision=16-mixed: needs a GPU; use '32-true' or 'bf16-mixed' on cpu")
+        if self.accelerator == "cpu" and self.strategy in ("fsdp", "dp"):
+            raise ValueError(f"strategy={self.strategy}: needs a GPU accelerator; use 'ddp' (or 'auto') on cpu")
         return self
 
 
@@ -537,39 +542,49 @@ class Params(Strict):
     def _consistent(self):
         for task in self.tasks:
             if getattr(self.data, task, None) is None:
-                raise ValueError(f"task {task!r} is in tasks but data.{task} is not set")
+                raise ValueError(f"data.{task}=null: task {task!r} is in tasks, so it needs a data source "
+                                 f"(set data.{task} or remove {task!r} from tasks)")
         if "dide" not in self.variants:
-            raise ValueError("variants must define 'dide' (the main recipe, usually {})")
+            raise ValueError(f"variants={sorted(self.variants)}: must define 'dide' (the main recipe, usually {{}})")
         for name in self.variants:
             if not name.replace("_", "").isalnum():
-                raise ValueError(f"variant name {name!r} must be letters, digits and '_'")
+                raise ValueError(f"variants.{name}: a variant name must be letters, digits and '_'")
         for key, run in self.runs.items():
             if key != f"{run.task}-{run.variant}":
-                raise ValueError(f"runs: key {key!r} must be '<task>-<variant>' = {run.task}-{run.variant!r}")
+                raise ValueError(f"runs.{key}: the key must be '<task>-<variant>' = '{run.task}-{run.variant}'")
             if run.task not in self.tasks:
-                raise ValueError(f"runs.{key}: task {run.task!r} is not in tasks {list(self.tasks)}")
+                raise ValueError(f"runs.{key}.task={_shown(run.task)}: not in tasks {list(self.tasks)}")
             if run.variant not in self.variants:
-                raise ValueError(f"runs.{key}: variant {run.variant!r} is not in variants {sorted(self.variants)}")
+                raise ValueError(f"runs.{key}.variant={_shown(run.variant)}: not in variants {sorted(self.variants)}")
         return self
 
     @model_validator(mode="after")
     def _ablation_consistent(self):
         study = self.ablation
         if study.variants and study.task not in self.tasks:
-            raise ValueError(f"ablation.task: {study.task!r} is not in tasks {list(self.tasks)}")
-        for name in study.variants:
+            raise ValueError(f"ablation.task={_shown(study.task)}: not in tasks {list(self.tasks)}")
+        for i, name in enumerate(study.variants):
             if name not in self.variants:
-                raise ValueError(f"ablation.variants: {name!r} is not in variants {sorted(self.variants)}")
+                raise ValueError(f"ablation.variants[{i}]={_shown(name)}: not in variants {sorted(self.variants)}")
         if len(set(study.variants)) != len(study.variants):
-            raise ValueError(f"ablation.variants: {study.variants} lists a variant twice")
+            raise ValueError(f"ablation.variants={study.variants}: lists a variant twice")
         for table, names in study.tables.items():
-            for name in names:
+            for i, name in enumerate(names):
                 if name not in study.variants:
-                    raise ValueError(f"ablation.tables.{table}: {name!r} is not in ablation.variants {study.variants}")
+                    raise ValueError(f"ablation.tables.{table}[{i}]={_shown(name)}: not in ablation.variants "
+                                     f"{study.variants}")
         clash = set(self.ablation_models()) & set(self.task_variants(study.task))
         if clash:
-            raise ValueError(f"variants {sorted(clash)}: names clash with ablation models <variant>_seed<seed>; "
-                             "rename them")
+            raise ValueError(f"variants.{sorted(clash)[0]}: name clashes with an ablation model <variant>_seed<seed> "
+                             f"on {study.task}; rename it")
+        try:
+            self.train.distill_finetune_tasks.get(study.task, BudgetOverride()).model_copy(
+                update=study.budget.model_dump(exclude_unset=True)).resolve(self.train.distill_finetune)
+        except ValidationError as err:
+            message = err.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"ablation.budget.{message} (over train.distill_finetune"
+                             f"{'_tasks.' + study.task if study.task in self.train.distill_finetune_tasks else ''})"
+                             ) from None
         return self
 
     def variant(self, name: str) -> DistillParams:
@@ -585,6 +600,92 @@ class Params(Strict):
             raise ValueError("distill.cache_teacher=true: must be false when train.augment.randaugment applies to "
                              "distill_finetune (the teacher must see each augmented batch)")
         return self
+
+    @model_validator(mode="after")
+    def _student_fits_teacher(self):
+        """The small fusion student (``student.kind: fusion`` or a variant with ``student: fusion``) must be
+        buildable from the teacher: heads divide its width; ``init: teacher`` copies the teacher's layers, so same
+        width and heads; student layer ``i`` maps onto teacher layer ``round((i + 1) · L_t / L_s) − 1``, which is a
+        layer only when the student is not deeper than the teacher (``init: teacher`` and ``layerwise``)."""
+        fusion = [name for name in self.variants if self.student_kind(name) == "fusion"]
+        if not fusion:
+            return self
+        s, t = self.student, self.teacher
+        width, heads = s.hidden_size or t.hidden_size, s.num_heads or t.num_heads
+        depth = s.num_layers or max(1, t.num_layers // 2)
+        if width % heads:
+            if s.num_heads:
+                raise ValueError(f"student.num_heads={heads}: must divide the fusion student's width {width} "
+                                 "(student.hidden_size; null = teacher.hidden_size)")
+            raise ValueError(f"student.hidden_size={width}: must be a multiple of the fusion student's {heads} heads "
+                             "(student.num_heads; null = teacher.num_heads)")
+        if s.init == "teacher":
+            for knob, mine, theirs, what in (("hidden_size", s.hidden_size, t.hidden_size, "width"),
+                                             ("num_heads", s.num_heads, t.num_heads, "number of heads")):
+                if mine is not None and mine != theirs:
+                    raise ValueError(f"student.{knob}={mine}: must equal teacher.{knob}={theirs} with student.init="
+                                     "teacher (the teacher's layers are copied); use student.init=scratch for another "
+                                     f"{what}")
+        layerwise = [name for name in fusion if self.variant(name).layers == "layerwise"]
+        if depth > t.num_layers and (s.init == "teacher" or layerwise):
+            why = ("student.init=teacher copies one teacher layer per student layer" if s.init == "teacher" else
+                   f"variant {layerwise[0]!r} uses distill.layers=layerwise, which maps each student layer onto one "
+                   "teacher layer")
+            raise ValueError(f"student.num_layers={depth}: must be <= teacher.num_layers={t.num_layers} ({why})")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_learn(self):
+        """Each recipe needs one term of its ``knowledge`` with a weight > 0 (else the loss is a constant 0)."""
+        for name in self.variants:
+            recipe = self.variant(name)
+            if all(getattr(recipe.weights, term) == 0 for term in recipe.knowledge):
+                where = "distill.knowledge" if not self.variants[name].knowledge else f"variants.{name}.knowledge"
+                term = recipe.knowledge[0]
+                raise ValueError(f"distill.weights.{term}={getattr(recipe.weights, term)}: every term of {where} "
+                                 f"{list(recipe.knowledge)} has weight 0 (nothing to learn); one must be > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_fit(self):
+        """Budgets that only fail once training starts: the effective batch must split into ``batch_size`` x
+        processes (``fabric.devices x fabric.num_nodes``); retrieval draws ``train.retrieval_negatives`` hard
+        negatives from the other examples of each forward batch."""
+        world = self.fabric.devices * self.fabric.num_nodes
+        budgets = [(self, stage, None, [f"train.{stage}"]) for stage in ("teacher_pretrain", "distill_pretrain")]
+        budgets += [(self, stage, task, [f"train.{stage}_tasks.{task}", f"train.{stage}"])
+                    for stage in PER_TASK_STAGES for task in self.tasks]
+        if self.ablation.variants:
+            task = self.ablation.task
+            budgets.append((self.for_ablation(self.ablation.variants[0], self.report.seeds[0])[0], "distill_finetune",
+                            task, ["ablation.budget", f"train.distill_finetune_tasks.{task}", "train.distill_finetune"]))
+        for params, stage, task, keys in budgets:
+            layers = [self._budget_layer(key) for key in keys]
+
+            def origin(field: str) -> str:  # the first layer (ablation, per task, stage) that sets ``field``
+                return next(key for key, layer in zip(keys, layers, strict=True)
+                            if layer is not None and field in layer.model_fields_set or key == keys[-1])
+
+            budget = params.budget(stage, task)
+            if budget.effective_batch and budget.effective_batch % (budget.batch_size * world):
+                raise ValueError(f"{origin('effective_batch')}.effective_batch={budget.effective_batch}: must be a "
+                                 f"multiple of batch_size x fabric.devices x fabric.num_nodes = {budget.batch_size} x "
+                                 f"{self.fabric.devices} x {self.fabric.num_nodes}")
+            if task == "retrieval" and self.train.retrieval_negatives >= budget.batch_size:
+                raise ValueError(f"train.retrieval_negatives={self.train.retrieval_negatives}: must be < "
+                                 f"{origin('batch_size')}.batch_size={budget.batch_size} (retrieval's hard negatives "
+                                 "are other examples of the same batch)")
+        return self
+
+    def _budget_layer(self, key: str) -> BaseModel | None:
+        """The budget object a dotted key names: ``ablation.budget``, ``train.<stage>``, ``train.<stage>_tasks.<task>``
+        (None when that task has no override)."""
+        if key == "ablation.budget":
+            return self.ablation.budget
+        parts = key.split(".")
+        if len(parts) == 2:
+            return getattr(self.train, parts[1])
+        return getattr(self.train, parts[1]).get(parts[2])
 
     def budget(self, stage: str, task: str | None = None) -> StageBudget:
         """The budget of ``stage`` (``train.<stage>``), with ``train.<stage>_tasks.<task>`` applied when set."""
@@ -652,8 +753,21 @@ def _allowed(model: type[BaseModel], loc: tuple) -> str:
     return f"allowed keys: {', '.join(fields)}" if fields else ""
 
 
+def _shown(value: Any) -> str:
+    """A value as the one-line errors show it: JSON for scalars (``"lasst"``, ``-1``, ``null``), else ``repr``."""
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+_NAMED = re.compile(r"^([\w.\-\[\]]+)(=.+?)?: (.*)$")
+"""A validator message that names its (dotted) key: ``key=value: what is allowed`` or ``key: what is wrong``."""
+
+
 def _one_line(err: ValidationError, source: str) -> str:
-    """Turn pydantic's first error into: ``<source>: <dotted.key>=<value>: <what is allowed>``."""
+    """Turn pydantic's first error into: ``<source>: <dotted.key>=<value>: <what is allowed>``.
+
+    Section-level checks (model validators) name their key in the message, relative to the section that failed
+    (``min_objects=5: ...`` in ``data.scene``); a message that names no key is shown after the section's key."""
     first = err.errors(include_url=False)[0]
     loc = tuple(first["loc"])
     # drop pydantic's internal union/validator tags (e.g. 'function-after[...]', 'literal[...]', 'Nlvr2Data')
@@ -665,14 +779,16 @@ def _one_line(err: ValidationError, source: str) -> str:
     if first["type"] == "missing":
         return f"{source}: {key} is required"
     message = first["msg"].removeprefix("Value error, ")
-    named = re.match(r"^([\w.]+)=(.+?): (.*)$", message)  # a section-level check that names its (dotted) field
-    if named and first["type"] == "value_error":
-        prefix = f"{key}." if loc else ""
-        return f"{source}: {prefix}{named.group(1)}={named.group(2)}: {named.group(3)}"
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    if len(shown) > 120:
-        shown = shown[:117] + "..."
-    return f"{source}: {key}={shown}: {message}"
+    named = _NAMED.match(message) if first["type"] == "value_error" else None
+    if named:
+        name = named.group(1)
+        # a field validator names its own field (``seeds=...`` at ``report.seeds``): do not repeat it
+        full = key if not loc or key == name or key.endswith("." + name) else f"{key}.{name}"
+        full = name if not loc else full
+        return f"{source}: {full}{named.group(2) or ''}: {named.group(3)}"
+    if not loc:  # a whole-file check whose message names no key: never dump the whole params
+        return f"{source}: {message}"
+    return f"{source}: {key}={_shown(value)}: {message}"
 
 
 def _apply_override(raw: dict, override: str) -> None:

@@ -7,9 +7,11 @@ is checked, and only then renamed to its final name: a partial or corrupt downlo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -41,15 +43,21 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, timeout: float 
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        resumed = have and getattr(response, "status", 200) == 206
-        total = response.headers.get("Content-Length")
-        mode = "ab" if resumed else "wb"
-        with open(part, mode) as fh, tqdm(total=int(total) if total else None, initial=0, unit="B", unit_scale=True,
-                                            desc=dest.name, leave=False) as bar:
-            for block in iter(lambda: response.read(CHUNK), b""):
-                fh.write(block)
-                bar.update(len(block))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            resumed = have and getattr(response, "status", 200) == 206
+            total = response.headers.get("Content-Length")
+            mode = "ab" if resumed else "wb"
+            with open(part, mode) as fh, tqdm(total=int(total) if total else None, initial=0, unit="B",
+                                                unit_scale=True, desc=dest.name, leave=False) as bar:
+                for block in iter(lambda: response.read(CHUNK), b""):
+                    fh.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as err:  # HTTPError is a URLError; timeouts and resets are OSErrors
+        reason = f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError) else getattr(
+            err, "reason", err)
+        kept = f"; {part} is kept and a rerun resumes it" if part.is_file() and part.stat().st_size else ""
+        raise DataError(f"{url}: download to {dest} failed ({reason}){kept}") from None
     if sha256 is not None:
         got = sha256sum(part)
         if got != sha256:
@@ -79,6 +87,21 @@ def extract(archive: Path, into: Path) -> None:
         tmp.rmdir()
     else:
         os.replace(tmp, into)
+
+
+def missing_source(task: str, cfg) -> str | None:
+    """For a stage that is about to prepare ``task``: the one-line problem with an official source's directories
+    (``data.<task>.root`` missing with no ``url`` to download it from; ``data.pretrain.vg_root`` missing), else None."""
+    if getattr(cfg, "source", None) != "official":
+        return None
+    if cfg.root and not Path(cfg.root).exists() and not cfg.url:
+        return (f"data.{task}.root={json.dumps(cfg.root)}: directory not found, and data.{task}.url is not set; "
+                "unpack the official release there (see README, Data) or set url")
+    vg_root = getattr(cfg, "vg_root", None)
+    if vg_root and not Path(vg_root).is_dir():
+        return (f"data.{task}.vg_root={json.dumps(vg_root)}: directory not found; it must hold Visual Genome's "
+                "region_descriptions.json and VG_100K/ (or set vg_root: null)")
+    return None
 
 
 def ensure_root(root: str | Path, url: str | None, sha256: str | None) -> Path:

@@ -15,6 +15,7 @@ Errors name the file (and line) and what was wrong.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,52 +26,86 @@ from vldistill.data import vqa_answers
 NLVR2_FILES = {"train": "train.json", "dev": "dev.json", "test": "test1.json"}
 SNLI_FILES = {"train": "snli_ve_train.jsonl", "dev": "snli_ve_dev.jsonl", "test": "snli_ve_test.jsonl"}
 SNLI_LABELS = ("entailment", "neutral", "contradiction")
+NLVR2_KEYS = ("identifier", "sentence", "label", "directory (train)")
+SNLI_KEYS = ("Flickr30K_ID", "sentence2", "gold_label")
 
 
 class DataError(ValueError):
     """Bad input data; the message is one line naming the file (and line) and what was wrong."""
 
 
-def json_lines(path: Path) -> list[dict]:
-    """Parse a JSON-lines file; a malformed line raises :class:`DataError` with ``file:line``."""
+def json_records(path: Path) -> list[tuple[int, dict]]:
+    """Parse a JSON-lines file into ``(line number, object)`` pairs (blank lines skipped); a malformed line, or one
+    that is not a JSON object, raises :class:`DataError` with ``file:line``."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append((number, row))
     return rows
 
 
-def json_file(path: Path):
+@contextmanager
+def record(where: str, expected):
+    """Turn a missing key or a value of the wrong type while reading one record (``where`` = ``file:line`` or
+    ``file: image N``) into a one-line :class:`DataError`; ``expected`` lists the keys the record must have."""
+    try:
+        yield
+    except DataError:
+        raise
+    except KeyError as err:
+        raise DataError(f"{where}: missing key {err.args[0]!r} (expected keys: {', '.join(expected)})") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"{where}: unexpected value ({err}); expected keys: {', '.join(expected)}") from None
+
+
+def json_file(path: Path, key: str | None = None, kind: type = list):
+    """Parse a JSON file; with ``key``, return ``data[key]``, which must be a ``kind`` (one-line errors otherwise)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
+    if key is None:
+        return data
+    if not isinstance(data, dict) or not isinstance(data.get(key), kind):
+        raise DataError(f"{path}: expected a JSON object with a {kind.__name__} under {key!r}")
+    return data[key]
 
 
-def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+def load_image(path: Path, size: tuple[int, int], ref: str | None = None) -> np.ndarray:
     """Decode an image and fit it into ``size = (H, W)``, aspect kept, padded with black: ``(H, W, 3)`` uint8.
 
-    A missing or undecodable (e.g. truncated) file raises :class:`DataError` naming it.
+    A missing or undecodable (e.g. truncated) file raises :class:`DataError` naming it (and ``ref``, the record that
+    refers to it).
     """
     from PIL import Image, UnidentifiedImageError
 
+    referenced = f" (referenced by {ref})" if ref else ""
     if not path.is_file():
-        raise DataError(f"{path}: image not found")
+        raise DataError(f"{path}: image not found{referenced}")
     try:
         with Image.open(path) as im:
             im.load()
             im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot decode image ({err})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode image ({err}); expected a complete image file{referenced}") from None
     height, width = size
     scale = min(height / im.height, width / im.width)
     new = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
@@ -87,9 +122,10 @@ class ImageStoreBuilder:
         self.keys: dict[Path, int] = {}
         self.images: list[np.ndarray] = []
 
-    def key(self, path: Path) -> int:
+    def key(self, path: Path, ref: str | None = None) -> int:
+        """The store index of ``path`` (decoded on first use); ``ref`` names the record that refers to it."""
         if path not in self.keys:
-            self.images.append(load_image(path, self.size))
+            self.images.append(load_image(path, self.size, ref))
             self.keys[path] = len(self.images) - 1
         return self.keys[path]
 
@@ -99,22 +135,32 @@ def _check_label(value, allowed, path: Path, line: int):
         raise DataError(f"{path}:{line}: label {value!r} is not one of {list(allowed)}")
 
 
+def _not_empty(rows: list, path: Path, split: str) -> list:
+    if not rows:
+        raise DataError(f"{path}: no examples (the {split} split would be empty)")
+    return rows
+
+
 def read_nlvr2(root: Path, store: ImageStoreBuilder) -> dict[str, pd.DataFrame]:
     """NLVR2: one row per statement; images ``<split>-<set>-<pair>-img0/1.png`` (identifier without its last part)."""
     frames = {}
     for split, name in NLVR2_FILES.items():
         path = root / name
         rows = []
-        for line, ex in enumerate(json_lines(path), 1):
+        for line, ex in json_records(path):
             _check_label(ex.get("label"), ("True", "False"), path, line)
-            stem = ex["identifier"].rsplit("-", 1)[0]
-            folder = Path("images/train", str(ex["directory"])) if split == "train" else Path(name.removesuffix(".json"))
-            if split != "train" and not (root / folder).is_dir() and (root / "images" / folder).is_dir():
-                folder = Path("images") / folder
-            rows.append({"identifier": ex["identifier"], "text": ex["sentence"], "label": int(ex["label"] == "True"),
-                         "label_name": ex["label"], "image_left": store.key(root / folder / f"{stem}-img0.png"),
-                         "image_right": store.key(root / folder / f"{stem}-img1.png")})
-        frames[split] = pd.DataFrame(rows)
+            where = f"{path}:{line}"
+            with record(where, NLVR2_KEYS):
+                stem = ex["identifier"].rsplit("-", 1)[0]
+                folder = (Path("images/train", str(ex["directory"])) if split == "train"
+                          else Path(name.removesuffix(".json")))
+                if split != "train" and not (root / folder).is_dir() and (root / "images" / folder).is_dir():
+                    folder = Path("images") / folder
+                rows.append({"identifier": ex["identifier"], "text": _text(ex["sentence"]),
+                             "label": int(ex["label"] == "True"), "label_name": ex["label"],
+                             "image_left": store.key(root / folder / f"{stem}-img0.png", where),
+                             "image_right": store.key(root / folder / f"{stem}-img1.png", where)})
+        frames[split] = pd.DataFrame(_not_empty(rows, path, split))
     return frames
 
 
@@ -124,29 +170,42 @@ def read_snli_ve(root: Path, store: ImageStoreBuilder) -> dict[str, pd.DataFrame
     for split, name in SNLI_FILES.items():
         path = root / name
         rows = []
-        for line, ex in enumerate(json_lines(path), 1):
+        for index, (line, ex) in enumerate(json_records(path), 1):
             _check_label(ex.get("gold_label"), SNLI_LABELS, path, line)
-            rows.append({"identifier": ex.get("pairID", f"{split}-{line}"), "text": ex["sentence2"],
-                         "label": SNLI_LABELS.index(ex["gold_label"]), "label_name": ex["gold_label"],
-                         "image": store.key(root / "flickr30k_images" / f"{ex['Flickr30K_ID']}.jpg")})
-        frames[split] = pd.DataFrame(rows)
+            where = f"{path}:{line}"
+            with record(where, SNLI_KEYS):
+                rows.append({"identifier": ex.get("pairID", f"{split}-{index}"), "text": _text(ex["sentence2"]),
+                             "label": SNLI_LABELS.index(ex["gold_label"]), "label_name": ex["gold_label"],
+                             "image": store.key(root / "flickr30k_images" / f"{ex['Flickr30K_ID']}.jpg", where)})
+        frames[split] = pd.DataFrame(_not_empty(rows, path, split))
     return frames
 
 
+QUESTION_KEYS = ("question_id", "image_id (int)", "question")
+ANNOTATION_KEYS = ("question_id", "answers: [{answer}]")
+
+
 def _vqa_split(root: Path, coco_split: str, store: ImageStoreBuilder) -> pd.DataFrame:
-    questions = json_file(root / f"v2_OpenEnded_mscoco_{coco_split}_questions.json")["questions"]
+    question_path = root / f"v2_OpenEnded_mscoco_{coco_split}_questions.json"
+    questions = json_file(question_path, "questions")
     annotation_path = root / f"v2_mscoco_{coco_split}_annotations.json"
-    annotations = {a["question_id"]: a for a in json_file(annotation_path)["annotations"]}
+    annotations = {}
+    for number, a in enumerate(json_file(annotation_path, "annotations")):
+        with record(f"{annotation_path}: annotation {number}", ANNOTATION_KEYS):
+            annotations[a["question_id"]] = a
     rows = []
-    for q in questions:
-        if q["question_id"] not in annotations:
-            raise DataError(f"{annotation_path}: no annotation for question_id {q['question_id']}")
-        scores = vqa_answers.answer_scores(a["answer"] for a in annotations[q["question_id"]]["answers"])
-        image = root / coco_split / f"COCO_{coco_split}_{q['image_id']:012d}.jpg"
-        rows.append({"question_id": q["question_id"], "text": q["question"], "answers": list(scores),
-                     "scores": list(scores.values()), "image": store.key(image), "image_id": q["image_id"],
-                     "coco_split": coco_split})
-    return pd.DataFrame(rows)
+    for number, q in enumerate(questions):
+        where = f"{question_path}: question {number}"
+        with record(where, QUESTION_KEYS):
+            if q["question_id"] not in annotations:
+                raise DataError(f"{annotation_path}: no annotation for question_id {q['question_id']}")
+            with record(f"{annotation_path}: annotation of question_id {q['question_id']}", ANNOTATION_KEYS):
+                scores = vqa_answers.answer_scores(a["answer"] for a in annotations[q["question_id"]]["answers"])
+            image = root / coco_split / f"COCO_{coco_split}_{q['image_id']:012d}.jpg"
+            rows.append({"question_id": q["question_id"], "text": _text(q["question"]), "answers": list(scores),
+                         "scores": list(scores.values()), "image": store.key(image, where), "image_id": q["image_id"],
+                         "coco_split": coco_split})
+    return pd.DataFrame(_not_empty(rows, question_path, coco_split))
 
 
 def read_vqa(root: Path, store: ImageStoreBuilder, holdout_images: int) -> dict[str, pd.DataFrame]:
@@ -164,10 +223,14 @@ def read_vqa(root: Path, store: ImageStoreBuilder, holdout_images: int) -> dict[
     if not test_path.is_file():
         raise DataError(f"{test_path}: file not found (VQAv2 test-dev questions; their answers are scored by the "
                         "official server)")
-    rows = [{"question_id": q["question_id"], "text": q["question"], "answers": [], "scores": [],
-             "image": store.key(root / "test2015" / f"COCO_test2015_{q['image_id']:012d}.jpg"),
-             "image_id": q["image_id"], "coco_split": "test2015"} for q in json_file(test_path)["questions"]]
-    frames["test"] = pd.DataFrame(rows)
+    rows = []
+    for number, q in enumerate(json_file(test_path, "questions")):
+        where = f"{test_path}: question {number}"
+        with record(where, QUESTION_KEYS):
+            rows.append({"question_id": q["question_id"], "text": _text(q["question"]), "answers": [], "scores": [],
+                         "image": store.key(root / "test2015" / f"COCO_test2015_{q['image_id']:012d}.jpg", where),
+                         "image_id": q["image_id"], "coco_split": "test2015"})
+    frames["test"] = pd.DataFrame(_not_empty(rows, test_path, "test"))
     return frames
 
 
@@ -175,17 +238,24 @@ def read_karpathy(root: Path, store: ImageStoreBuilder, dataset: str) -> dict[st
     """Karpathy splits (``dataset_flickr30k.json`` / ``dataset_coco.json``): one row per caption; ``restval`` joins
     train, ``val`` is dev."""
     path = root / f"dataset_{dataset}.json"
-    images = json_file(path)["images"]
+    images = json_file(path, "images")
     rows = {"train": [], "dev": [], "test": []}
     folder = {"flickr30k": lambda im: root / "flickr30k_images" / im["filename"],
               "coco": lambda im: root / im.get("filepath", "") / im["filename"]}[dataset]
+    expected = ("filename", "split", "sentences: [{raw}]") + (("filepath",) if dataset == "coco" else ())
     for number, image in enumerate(images):
-        split = {"train": "train", "restval": "train", "val": "dev", "test": "test"}.get(image.get("split"))
-        if split is None:
-            raise DataError(f"{path}: image {number} has split {image.get('split')!r} (expected train/restval/val/test)")
-        key = store.key(folder(image))
-        for sentence in image["sentences"]:
-            rows[split].append({"text": sentence["raw"], "image": key, "image_id": str(image.get("imgid", number))})
+        where = f"{path}: image {number}"
+        with record(where, expected):
+            split = {"train": "train", "restval": "train", "val": "dev", "test": "test"}.get(image.get("split"))
+            if split is None:
+                raise DataError(f"{where} has split {image.get('split')!r} (expected train/restval/val/test)")
+            key = store.key(folder(image), where)
+            for sentence in image["sentences"]:
+                rows[split].append({"text": _text(sentence["raw"]), "image": key,
+                                    "image_id": str(image.get("imgid", number))})
+    for split, karpathy in (("train", "train/restval"), ("dev", "val"), ("test", "test")):
+        if not rows[split]:
+            raise DataError(f"{path}: no captions with split {karpathy} (the {split} split would be empty)")
     return {split: pd.DataFrame(r) for split, r in rows.items()}
 
 
@@ -194,14 +264,26 @@ def read_visual_genome(root: Path, store: ImageStoreBuilder, max_regions_per_ima
     ``VG_100K_2/<id>.jpg``) as extra pre-training captions: up to ``max_regions_per_image`` phrases per image."""
     path = root / "region_descriptions.json"
     rows = []
-    for entry in json_file(path):
-        regions = entry.get("regions", [])[:max_regions_per_image]
-        if not regions:
-            continue
-        image_id = regions[0]["image_id"]
-        image = root / "VG_100K" / f"{image_id}.jpg"
-        if not image.is_file() and (root / "VG_100K_2" / f"{image_id}.jpg").is_file():
-            image = root / "VG_100K_2" / f"{image_id}.jpg"
-        key = store.key(image)
-        rows += [{"text": r["phrase"], "image": key, "image_id": f"vg-{image_id}"} for r in regions]
+    entries = json_file(path)
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{id, regions}} entries")
+    for number, entry in enumerate(entries):
+        where = f"{path}: entry {number}"
+        with record(where, ("regions: [{image_id, phrase}]",)):
+            regions = entry.get("regions", [])[:max_regions_per_image]
+            if not regions:
+                continue
+            image_id = regions[0]["image_id"]
+            image = root / "VG_100K" / f"{image_id}.jpg"
+            if not image.is_file() and (root / "VG_100K_2" / f"{image_id}.jpg").is_file():
+                image = root / "VG_100K_2" / f"{image_id}.jpg"
+            key = store.key(image, where)
+            rows += [{"text": _text(r["phrase"]), "image": key, "image_id": f"vg-{image_id}"} for r in regions]
     return pd.DataFrame(rows)
+
+
+def _text(value) -> str:
+    """A sentence / question / caption field: must be a string (a number or null would end up in the parquet)."""
+    if not isinstance(value, str):
+        raise TypeError(f"text {value!r} is not a string")
+    return value
