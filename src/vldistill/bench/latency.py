@@ -64,8 +64,8 @@ def latency_row(times: dict[str, list[float]], batch: int, flops: dict[str, int]
     stats = {way: summarise(times[way], batch) for way in WAYS}
     row: dict[str, float] = {}
     for way, s in stats.items():
-        row[f"{way}_ms"] = round(s["median"], 4)
-        row[f"{way}_ms_mean"] = round(s["mean"], 4)
+        row[f"{way}_ms"] = float(f"{s['median']:.8g}")  # 8 significant digits: tiny models take microseconds
+        row[f"{way}_ms_mean"] = float(f"{s['mean']:.8g}")
         row[f"{way}_repeats"] = s["repeats"]
     row["speedup_uncached"] = round(stats["teacher"]["median"] / stats["dual"]["median"], 3)
     row["speedup_cached"] = round(stats["teacher"]["median"] / stats["dual_cached"]["median"], 3)
