@@ -27,6 +27,7 @@ so W processes take the optimizer steps of one process with the same effective b
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import math
@@ -129,11 +130,13 @@ def fit(
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "step": 0, "batch": 0,
              "best": {"epoch": -1, "value": -math.inf, "dev": {}}, "history": [], "ranks": [],
              "fingerprint": fingerprint}
-    with StopSignals(announce=fabric.is_global_zero) as stop:
+    with contextlib.ExitStack() as closing:  # on the way out, however it ends: the bar closes, then the handlers go
+        stop = closing.enter_context(StopSignals(announce=fabric.is_global_zero))
         resumed, best_state = _resume(fabric, ckpt_path, state)
         saved_step = state["step"] if resumed else None  # the optimizer step of the checkpoint this run stands on
-        bar = tqdm(total=total_steps, initial=state["step"], desc=str(curve_path), disable=not fabric.is_global_zero,
-                   dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        bar = closing.enter_context(tqdm(total=total_steps, initial=state["step"], desc=str(curve_path),
+                                         disable=not fabric.is_global_zero, dynamic_ncols=True,
+                                         mininterval=1.0 if sys.stderr.isatty() else 30.0))
         # resumed at an epoch's start: python's and numpy's streams go on from where the run that wrote it left them
         # (torch's is reseeded below); a mid-epoch resume restores every stream after the reseed instead
         epoch_start_rng = (state["ranks"][rank]["rng"] if resumed and not state["batch"] and len(state["ranks"]) == world
@@ -186,7 +189,6 @@ def fit(
                     _save_checkpoint(fabric, ckpt_path, state, best_state)
                     saved_step = state["step"]
                 if signum:
-                    bar.close()
                     raise Interrupted(signum, state["step"], total_steps, ckpt_path, rank)
             model.eval()
             dev = evaluate_fn(model)
@@ -205,9 +207,7 @@ def fit(
             saved_step = state["step"]
             signum = stop.agreed(fabric)
             if signum and epoch + 1 < budget.epochs:  # after the last epoch there is nothing left to stop
-                bar.close()
                 raise Interrupted(signum, state["step"], total_steps, ckpt_path, rank)
-    bar.close()
     result = FitResult(best_state=best_state, best_epoch=state["best"]["epoch"], best_dev=state["best"]["dev"],
                        history=state["history"], steps=state["step"])
     return result
