@@ -1,12 +1,13 @@
 """Stage distill_finetune@<task>@<variant>: see vldistill.train.runs.distill_finetune."""
 
-from vldistill.cli import stage_args
+from vldistill.cli import stage_args, stage_errors
 from vldistill.train import runs
 
 
 def main() -> None:
     args, params = stage_args(__doc__, task=True, variant=True)
-    summary = runs.distill_finetune(params, args.task, args.variant)
+    with stage_errors(f"distill_finetune@{args.task}-{args.variant}"):
+        summary = runs.distill_finetune(params, args.task, args.variant)
     print(f"distill_finetune@{args.task}@{args.variant}: {summary}")
 
 

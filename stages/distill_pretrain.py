@@ -1,12 +1,13 @@
 """Stage distill_pretrain: see vldistill.train.runs.distill_pretrain."""
 
-from vldistill.cli import stage_args
+from vldistill.cli import stage_args, stage_errors
 from vldistill.train import runs
 
 
 def main() -> None:
     _, params = stage_args(__doc__)
-    summary = runs.distill_pretrain(params)
+    with stage_errors("distill_pretrain"):
+        summary = runs.distill_pretrain(params)
     print(f"distill_pretrain: {summary}")
 
 

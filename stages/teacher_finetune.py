@@ -1,6 +1,6 @@
 """Stage teacher_finetune@<task>: see vldistill.train.runs.teacher_finetune."""
 
-from vldistill.cli import stage_args
+from vldistill.cli import stage_args, stage_errors
 from vldistill.models.hub import check_sources_or_exit
 from vldistill.train import runs
 
@@ -8,7 +8,8 @@ from vldistill.train import runs
 def main() -> None:
     args, params = stage_args(__doc__, task=True)
     check_sources_or_exit(params.teacher)
-    summary = runs.teacher_finetune(params, args.task)
+    with stage_errors(f"teacher_finetune@{args.task}"):
+        summary = runs.teacher_finetune(params, args.task)
     print(f"teacher_finetune@{args.task}: {summary}")
 
 

@@ -1,6 +1,6 @@
 """Stage teacher_pretrain: see vldistill.train.runs.teacher_pretrain."""
 
-from vldistill.cli import stage_args
+from vldistill.cli import stage_args, stage_errors
 from vldistill.models.hub import check_sources_or_exit
 from vldistill.train import runs
 
@@ -8,7 +8,8 @@ from vldistill.train import runs
 def main() -> None:
     _, params = stage_args(__doc__)
     check_sources_or_exit(params.teacher)
-    summary = runs.teacher_pretrain(params)
+    with stage_errors("teacher_pretrain"):
+        summary = runs.teacher_pretrain(params)
     print(f"teacher_pretrain: {summary}")
 
 

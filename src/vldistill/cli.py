@@ -1,11 +1,14 @@
-"""What every stage entry point shares: argument parsing and params loading with one-line errors."""
+"""What every stage entry point shares: argument parsing and params loading with one-line errors, and the one line
+a training stage ends with when training stops early."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from vldistill.config import FabricParams, Params, load_or_exit
 
@@ -118,3 +121,20 @@ def _native_bf16(torch) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # older torch: no emulation flag
         return torch.cuda.get_device_capability(0) >= (8, 0)
+
+
+@contextmanager
+def stage_errors(stage: str) -> Iterator[None]:
+    """Turn training that stopped early (:class:`vldistill.train.faults.TrainingStopped`: a stop signal, a non-finite
+    loss) into one line on stderr, ``<prefix>: <stage>: <reason>``, and the exception's exit status (no traceback).
+
+    ``stage`` names the stage as DVC does (``distill_finetune@nlvr2-dide``); under DVC its ``$DVC_STAGE`` wins.
+    """
+    from vldistill.train.faults import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as err:
+        if err.report:
+            print(f"{err.prefix}: {os.environ.get('DVC_STAGE') or stage}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None

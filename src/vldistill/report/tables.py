@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vldistill.io import atomic_path
+
 MODEL_LABELS = {
     "teacher": "ViLT teacher (fusion encoder)",
     "dual_gt": "Dual encoder, ground-truth labels only",
@@ -139,8 +141,8 @@ def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, t
         ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 

@@ -15,6 +15,11 @@ interrupted stage replays the epoch's order (:class:`~vldistill.data.datasets.Ep
 metrics and curve of an uninterrupted run (bit for bit on CPU). A checkpoint carries a fingerprint of the stage's
 inputs and is ignored when it differs.
 
+Stopping early (:mod:`vldistill.train.faults`): SIGINT or SIGTERM during ``fit`` writes the checkpoint at the end of
+the current optimizer step (after the epoch's evaluation if it was the epoch's last) and raises ``Interrupted``; a NaN
+or infinite loss term or gradient norm raises ``NonFiniteLoss`` before the step is applied, with the last checkpoint
+left as it was. Neither changes what an uninterrupted run computes.
+
 Several processes (``fabric.devices`` > 1, ``strategy: ddp``): each optimizer step consumes one global batch of
 ``effective_batch`` examples of the same permutation one process would use, rank ``r`` taking its contiguous slice,
 so W processes take the optimizer steps of one process with the same effective batch (up to float summation order).
@@ -22,6 +27,7 @@ so W processes take the optimizer steps of one process with the same effective b
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import math
@@ -41,6 +47,7 @@ from tqdm import tqdm
 from vldistill.config import FabricParams, StageBudget
 from vldistill.data.datasets import EpochBatches
 from vldistill.io import atomic_path
+from vldistill.train.faults import Interrupted, NonFiniteLoss, StopSignals, non_finite_terms
 from vldistill.train.optim import param_groups, warmup_linear
 from vldistill.train.tracking import Tracker
 
@@ -78,13 +85,6 @@ def write_curve(path: Path, history: list[dict]) -> None:
             writer.writerows(history)
 
 
-def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
-    for name, value in terms.items():
-        if not torch.isfinite(value.detach()).all():
-            raise FloatingPointError(f"non-finite loss term '{name}' = {value.item()} at step {step}; "
-                                     "training stopped, the last good checkpoint is kept")
-
-
 def fit(
     fabric: Fabric,
     model: torch.nn.Module,
@@ -102,7 +102,9 @@ def fit(
     """Train ``model`` for ``budget.epochs`` epochs; keep the state with the best ``evaluate_fn(model)[monitor]``.
 
     ``model(batch)`` returns the loss terms ``{"loss": total, <term>: value}`` (see
-    :class:`vldistill.train.objectives.Objective`); every term is checked to be finite at every step.
+    :class:`vldistill.train.objectives.Objective`); every term is checked to be finite at every step (raises
+    :class:`~vldistill.train.faults.NonFiniteLoss`), and a stop signal ends training with a checkpoint (raises
+    :class:`~vldistill.train.faults.Interrupted`).
     ``train_loader`` is best an :meth:`EncodedSplit.loader <vldistill.data.datasets.EncodedSplit.loader>`: its
     :class:`~vldistill.data.datasets.EpochBatches` is sharded here, so W processes take the optimizer steps one
     process takes with the same effective batch. Any other DataLoader gets Fabric's distributed sampler.
@@ -128,63 +130,84 @@ def fit(
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "step": 0, "batch": 0,
              "best": {"epoch": -1, "value": -math.inf, "dev": {}}, "history": [], "ranks": [],
              "fingerprint": fingerprint}
-    best_state = _resume(fabric, ckpt_path, state)
-
-    bar = tqdm(total=total_steps, initial=state["step"], desc=str(curve_path), disable=not fabric.is_global_zero,
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    for epoch in range(state["epoch"], budget.epochs):
-        skip = state["batch"]  # > 0 only in the epoch a step checkpoint was resumed from
-        epoch_batches = _epoch_batches(loader, train_loader, batches, epoch, seed, skip)
-        torch.manual_seed(seed + 1000 * epoch + rank)  # dropout/masking stream, replayable on resume
-        window = _empty_window()  # loss terms summed since the last logged row, and the optimizer steps they span
-        if skip:  # where this process of the interrupted run was after batch ``skip``
-            _set_rng_state(state["ranks"][rank]["rng"])
-            window = state["ranks"][rank]["window"]
-        model.train()
-        for i, batch in enumerate(epoch_batches, start=skip):
-            is_step = (i + 1) % accumulate == 0
-            with fabric.no_backward_sync(model, enabled=not is_step):
-                terms = model(batch)
-                _check_finite(terms, state["step"])
-                fabric.backward(terms["loss"] / accumulate)
-            for k, v in terms.items():
-                window["terms"][k] = window["terms"].get(k, 0.0) + float(v.detach()) / accumulate
-            if not is_step:
-                continue
-            fabric.clip_gradients(model, optimizer, max_norm=budget.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["step"] += 1
-            window["steps"] += 1
-            bar.update(1)
-            if state["step"] % budget.log_every == 0:
-                row = _log_row(fabric, window, state["step"], epoch, scheduler.get_last_lr()[0])
-                window = _empty_window()
-                state["history"].append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if tracker:
-                    tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, state["step"])
-            if state["step"] >= steps_per_epoch * (epoch + 1):
-                break
-            if budget.checkpoint_every and state["step"] % budget.checkpoint_every == 0:
-                state["batch"], state["ranks"] = i + 1, _per_rank(fabric, window)
-                _save_checkpoint(fabric, ckpt_path, state, best_state)
-        model.eval()
-        dev = evaluate_fn(model)
-        dev_row = {"step": state["step"], "epoch": epoch, **{f"dev_{k}": v for k, v in dev.items()}}
-        state["history"].append(dev_row)
-        if tracker:
-            tracker.log_metrics({f"dev_{k}": v for k, v in dev.items()}, state["step"])
-        fabric.print(f"epoch {epoch}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in dev.items()))
-        if dev[monitor] > state["best"]["value"]:
-            state["best"] = {"epoch": epoch, "value": dev[monitor], "dev": dev}
-            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        state["epoch"], state["batch"], state["ranks"] = epoch + 1, 0, _per_rank(fabric, _empty_window())
-        if fabric.is_global_zero:
-            write_curve(Path(curve_path), state["history"])
-        _save_checkpoint(fabric, ckpt_path, state, best_state)
-    bar.close()
+    with contextlib.ExitStack() as closing:  # on the way out, however it ends: the bar closes, then the handlers go
+        stop = closing.enter_context(StopSignals(announce=fabric.is_global_zero))
+        resumed, best_state = _resume(fabric, ckpt_path, state)
+        saved_step = state["step"] if resumed else None  # the optimizer step of the checkpoint this run stands on
+        bar = closing.enter_context(tqdm(total=total_steps, initial=state["step"], desc=str(curve_path),
+                                         disable=not fabric.is_global_zero, dynamic_ncols=True,
+                                         mininterval=1.0 if sys.stderr.isatty() else 30.0))
+        # resumed at an epoch's start: python's and numpy's streams go on from where the run that wrote it left them
+        # (torch's is reseeded below); a mid-epoch resume restores every stream after the reseed instead
+        epoch_start_rng = (state["ranks"][rank]["rng"] if resumed and not state["batch"] and len(state["ranks"]) == world
+                           else None)
+        for epoch in range(state["epoch"], budget.epochs):
+            skip = state["batch"]  # > 0 only in the epoch a step checkpoint was resumed from
+            epoch_batches = _epoch_batches(loader, train_loader, batches, epoch, seed, skip)
+            if epoch_start_rng is not None:
+                _set_rng_state(epoch_start_rng)
+                epoch_start_rng = None
+            torch.manual_seed(seed + 1000 * epoch + rank)  # dropout/masking stream, replayable on resume
+            window = _empty_window()  # loss terms summed since the last logged row, and the optimizer steps they span
+            if skip:  # where this process of the interrupted run was after batch ``skip``
+                _set_rng_state(state["ranks"][rank]["rng"])
+                window = state["ranks"][rank]["window"]
+            model.train()
+            for i, batch in enumerate(epoch_batches, start=skip):
+                is_step = (i + 1) % accumulate == 0
+                with fabric.no_backward_sync(model, enabled=not is_step):
+                    terms = model(batch)
+                    values = {k: float(v.detach()) for k, v in terms.items()}  # the one host sync per term
+                    bad = non_finite_terms(values)
+                    if bad:
+                        raise NonFiniteLoss(bad, state["step"] + 1, ckpt_path, saved_step)
+                    fabric.backward(terms["loss"] / accumulate)
+                for k, v in values.items():
+                    window["terms"][k] = window["terms"].get(k, 0.0) + v / accumulate
+                if not is_step:
+                    continue
+                _clip_gradients(fabric, model, optimizer, budget.grad_clip, state["step"] + 1, ckpt_path, saved_step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] += 1
+                window["steps"] += 1
+                bar.update(1)
+                if state["step"] % budget.log_every == 0:
+                    row = _log_row(fabric, window, state["step"], epoch, scheduler.get_last_lr()[0])
+                    window = _empty_window()
+                    state["history"].append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if tracker:
+                        tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")},
+                                            state["step"])
+                if state["step"] >= steps_per_epoch * (epoch + 1):
+                    break  # a stop request is acted on after the epoch's evaluation and checkpoint
+                signum = stop.agreed(fabric)
+                if signum or (budget.checkpoint_every and state["step"] % budget.checkpoint_every == 0):
+                    state["batch"], state["ranks"] = i + 1, _per_rank(fabric, window)
+                    _save_checkpoint(fabric, ckpt_path, state, best_state)
+                    saved_step = state["step"]
+                if signum:
+                    raise Interrupted(signum, state["step"], total_steps, ckpt_path, rank)
+            model.eval()
+            dev = evaluate_fn(model)
+            dev_row = {"step": state["step"], "epoch": epoch, **{f"dev_{k}": v for k, v in dev.items()}}
+            state["history"].append(dev_row)
+            if tracker:
+                tracker.log_metrics({f"dev_{k}": v for k, v in dev.items()}, state["step"])
+            fabric.print(f"epoch {epoch}: " + ", ".join(f"dev {k} {v:.4f}" for k, v in dev.items()))
+            if dev[monitor] > state["best"]["value"]:
+                state["best"] = {"epoch": epoch, "value": dev[monitor], "dev": dev}
+                best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            state["epoch"], state["batch"], state["ranks"] = epoch + 1, 0, _per_rank(fabric, _empty_window())
+            if fabric.is_global_zero:
+                write_curve(Path(curve_path), state["history"])
+            _save_checkpoint(fabric, ckpt_path, state, best_state)
+            saved_step = state["step"]
+            signum = stop.agreed(fabric)
+            if signum and epoch + 1 < budget.epochs:  # after the last epoch there is nothing left to stop
+                raise Interrupted(signum, state["step"], total_steps, ckpt_path, rank)
     result = FitResult(best_state=best_state, best_epoch=state["best"]["epoch"], best_dev=state["best"]["dev"],
                        history=state["history"], steps=state["step"])
     return result
@@ -222,25 +245,39 @@ def _epoch_batches(loader, train_loader, batches: EpochBatches | None, epoch: in
     return itertools.islice(loader, skip, None)
 
 
-def _resume(fabric: Fabric, path: Path, state: dict):
-    """Load ``last.ckpt`` into ``state`` if it was written for these inputs; return the best model state it holds.
+def _resume(fabric: Fabric, path: Path, state: dict) -> tuple[bool, dict | None]:
+    """Load ``last.ckpt`` into ``state`` if it was written for these inputs; return whether it was, and the best
+    model state it holds.
 
     A mid-epoch checkpoint (``batch`` > 0) resumes only with the process count that wrote it (its data position,
     random streams and unlogged loss sums are per process); an epoch-end one resumes with any.
     """
     if not path.is_file():
-        return None
+        return False, None
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved.get("fingerprint") != state["fingerprint"]:
         fabric.print(f"ignoring {path}: it was written for different inputs")
-        return None
+        return False, None
     if saved.get("batch") and len(saved.get("ranks", [])) != fabric.world_size:
         fabric.print(f"ignoring {path}: written mid-epoch by {len(saved['ranks'])} processes, this run has "
                      f"{fabric.world_size}")
-        return None
+        return False, None
     fabric.load(path, state)
     fabric.print(f"resuming from {path} at epoch {state['epoch']}, batch {state['batch']} (step {state['step']})")
-    return saved.get("best_model")
+    return True, saved.get("best_model")
+
+
+def _clip_gradients(fabric: Fabric, model, optimizer, max_norm: float, step: int, ckpt_path: Path,
+                    saved_step: int | None) -> None:
+    """Clip to ``max_norm``; a NaN or infinite gradient norm (finite loss, overflow in backward) stops training with
+    :class:`NonFiniteLoss` before the optimizer applies it (Fabric checks, ``error_if_nonfinite``)."""
+    try:
+        fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+    except RuntimeError as err:
+        if "non-finite" not in str(err):
+            raise
+        raise NonFiniteLoss("gradient norm is nan or inf (every loss term finite)", step, ckpt_path,
+                            saved_step) from None
 
 
 def _rng_state() -> dict:
@@ -288,7 +325,12 @@ def _save_checkpoint(fabric: Fabric, path: Path, state: dict, best_state) -> Non
     if fabric.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    fabric.save(tmp, {**state, "best_model": best_state})
+    try:
+        fabric.save(tmp, {**state, "best_model": best_state})
+    except BaseException:  # e.g. disk full, or a second Ctrl-C: the previous last.ckpt stays as it was
+        if fabric.is_global_zero:
+            tmp.unlink(missing_ok=True)
+        raise
     fabric.barrier()
     if fabric.is_global_zero:
         os.replace(tmp, path)

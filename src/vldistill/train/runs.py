@@ -18,7 +18,7 @@ from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
 from vldistill.data.prepared import read_answers
 from vldistill.evaluate.metrics import recall_at_k, retrieval_scores, task_metrics
-from vldistill.io import write_json
+from vldistill.io import atomic_dir, write_json
 from vldistill.distill.knowledge import KnowledgeModules
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
@@ -56,7 +56,8 @@ def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: 
                **{f"dev_{k}": round(v, 6) for k, v in result.best_dev.items()}, **extra}
     if fabric.is_global_zero:
         model.load_state_dict(result.best_state)
-        model.save(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            model.save(tmp)
         write_json(metrics_path, summary)
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         tracker.log_artifact(metrics_path)
@@ -72,7 +73,8 @@ def loaded_teacher(model: ViltTeacher, source: str, stage: str, task: str, extra
     out, metrics = paths.model_dir(stage, None if task == "pretrain" else task), paths.train_metrics(stage, task)
     summary = {"loaded_from": source, "steps": 0, **(extra or {})}
     with Tracker(stage, {"teacher.source": source}, task=task) as tracker:
-        model.save(out)
+        with atomic_dir(out) as tmp:
+            model.save(tmp)
         write_json(metrics, summary)
         tracker.log_artifact(metrics)
     return summary
