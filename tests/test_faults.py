@@ -103,10 +103,13 @@ def test_stop_signal_checkpoints_the_current_step_and_the_rerun_ends_as_an_unint
     """No ``checkpoint_every``: the only checkpoint is the one the signal asks for. Exit status 128 + signal; the
     signal handlers in place before ``fit`` are back afterwards; the rerun resumes and ends bit for bit as the run
     that was never stopped."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pytest.raises(Interrupted) as stopped:
-        _fit(tmp_path, lambda: _Faulty(at=call, send=(signum,)), checkpoint_every=None)
-    assert {s: signal.getsignal(s) for s in before} == before
+    previous = signal.signal(signum, signal.SIG_DFL)  # not ignored, whatever pytest was started with
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            _fit(tmp_path, lambda: _Faulty(at=call, send=(signum,)), checkpoint_every=None)
+        assert signal.getsignal(signum) is signal.SIG_DFL
+    finally:
+        signal.signal(signum, previous)
     err = stopped.value
     assert err.exit_code == 128 + signum and err.step == stopped_at and err.checkpoint == tmp_path / "ckpt/last.ckpt"
     assert str(err) == (f"{signal.Signals(signum).name} at step {stopped_at} of 16; checkpoint saved to "
@@ -120,11 +123,25 @@ def test_stop_signal_checkpoints_the_current_step_and_the_rerun_ends_as_an_unint
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_leaves_the_previous_checkpoint(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, lambda: _Faulty(at=9, send=(signal.SIGINT, signal.SIGINT)))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever pytest was started with
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _fit(tmp_path, lambda: _Faulty(at=9, send=(signal.SIGINT, signal.SIGINT)))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.load(tmp_path / "ckpt/last.ckpt", weights_only=True)["step"] == 3  # checkpoint_every=3
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_signal_the_process_ignores_stays_ignored(tmp_path):
+    """A shell starts background jobs with SIGINT ignored (and ``nohup`` SIGHUP): fit does not take it over."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result, _ = _fit(tmp_path, lambda: _Faulty(at=9, send=(signal.SIGINT,)), checkpoint_every=None)
+        assert result.steps == 16 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("value, word", [(math.nan, "nan"), (math.inf, "inf")])
@@ -453,7 +470,14 @@ def tiny_repo(tmp_path_factory):
 def _start(args: list[str], repo: Path, env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as fh:
         return subprocess.Popen([sys.executable, *args], cwd=repo, env=env, stdout=fh, stderr=fh,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_stop_signals)
+
+
+def _default_stop_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM as a terminal's foreground job has them (a test run started in
+    the background has SIGINT ignored, which the stage would keep)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str, log: Path, timeout: float = 240) -> None:
@@ -619,12 +643,15 @@ def _exp_metrics(shown, name: str) -> dict:
 
 @pytest.mark.slow
 def test_two_queued_experiments_run_at_once_with_their_own_metrics_and_one_mlflow_store(tiny_repo):
-    """``dvc exp run --queue`` twice (teacher_finetune@nlvr2 at batch 8 and 32) and ``dvc queue start -j 2``: both
-    run at the same time, each in its own temporary copy, and both write to the repository's mlflow.db: two FINISHED
-    runs tagged with their experiment, each with its own batch size and step count (128 pairs / batch), and an intact
-    sqlite file. Each experiment's metrics are its own."""
+    """``dvc exp run --queue`` twice (teacher_finetune@nlvr2 at batch 8 and 32) and ``dvc queue start -j 2``: two
+    workers, each experiment in its own temporary copy, both writing to the repository's mlflow.db (DVC_ROOT): two
+    FINISHED runs tagged with their experiment, each with its own batch size and step count (128 pairs / batch), and
+    an intact sqlite file. Each experiment's metrics are its own. (Whether the two runs overlap in time depends on
+    how fast the second worker starts; :func:`test_stages_starting_together_on_a_fresh_store_all_track` makes
+    them.)"""
     repo, env, _ = tiny_repo
     batches = {"batch8": 8, "batch32": 32}
+    (repo / "mlflow.db").unlink()  # both experiments open a fresh store: the case that used to break it for good
     for name, batch in batches.items():
         _sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.teacher_finetune.batch_size={batch}",
              "teacher_finetune@nlvr2"], repo, env)
@@ -663,5 +690,44 @@ def test_two_queued_experiments_run_at_once_with_their_own_metrics_and_one_mlflo
                               (run,)).fetchall() == [(128 // batch,)]
     finally:
         db.close()
-    (_, _, start8, end8), (_, _, start32, end32) = runs["batch8"], runs["batch32"]
-    assert start8 < end32 and start32 < end8, "the two experiments did not run at the same time"
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from vldistill.train.tracking import Tracker
+import mlflow
+Path(f"ready-{sys.argv[1]}").touch()
+while not Path("go").exists():
+    time.sleep(0.01)
+with Tracker("teacher_finetune", {f"p{i}": i for i in range(100)}, task=sys.argv[1]) as tracker:
+    for step in range(100):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step)
+print("tracked" if tracker.enabled else "not tracked")
+"""
+
+
+@pytest.mark.slow
+def test_stages_starting_together_on_a_fresh_store_all_track(tmp_path):
+    """Three processes open one sqlite store that does not exist yet at the same moment (a file barrier), then each
+    logs 100 params and 100 steps of 2 metrics. MLflow's table creation and migration race each other (before the
+    lock in tracking.py every process lost its run and the store was left half-migrated, unusable for good); now all
+    three runs are there, FINISHED, with every metric, and the database is intact."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, name], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in "abc"]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{name}").exists() for name in "abc") and time.monotonic() < deadline:
+        time.sleep(0.05)  # every process past its imports: the store calls start together
+    (tmp_path / "go").touch()
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and all("not tracked" not in out and "tracked" in out
+                                                         for out in outputs), outputs
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    try:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        runs = db.execute("select r.name, r.status, count(m.key) from runs r left join metrics m "
+                          "on m.run_uuid = r.run_uuid group by r.run_uuid order by r.name").fetchall()
+    finally:
+        db.close()
+    assert runs == [(f"teacher_finetune/{name}", "FINISHED", 200) for name in "abc"]

@@ -71,7 +71,8 @@ def non_finite_terms(values: dict[str, float]) -> str | None:
 
 class StopSignals:
     """Context manager: while active (in the main thread), SIGINT and SIGTERM set :attr:`signum` instead of ending the
-    process; a second SIGINT raises :class:`KeyboardInterrupt` at once. The previous handlers come back on exit.
+    process; a second SIGINT raises :class:`KeyboardInterrupt` at once. The previous handlers come back on exit. A
+    signal the process was started ignoring (``nohup``-style, a shell's background job) stays ignored.
 
     ``announce``: write one line to stderr when the first signal arrives (the process that reports).
     """
@@ -84,7 +85,8 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,8 +3,9 @@
 The store defaults to ``sqlite:///<repository root>/mlflow.db``: ``$DVC_ROOT`` (which DVC sets to the repository it
 was started in, also for experiments it runs in a temporary copy: ``dvc exp run --queue`` / ``--temp``) or else the
 working directory (DVC runs stages from the repository root); the environment variable ``MLFLOW_TRACKING_URI``
-overrides it. Several stages may write to the sqlite store at once (``dvc queue start -j 2``): a call that finds the
-database locked is retried for up to :data:`LOCKED_RETRY_SECONDS`.
+overrides it. Several stages may write to the sqlite store at once (``dvc queue start -j 2``): opening the store
+(which creates or migrates the database, and the experiment) is done by one process at a time, and a call that finds
+the database locked is retried for up to :data:`LOCKED_RETRY_SECONDS`.
 
 Tracking never fails a stage: if the store cannot be reached, one line on stderr says what was not logged, tracking is
 off for the rest of the stage, and the stage goes on (its metrics files are on disk anyway). So that an unreachable
@@ -55,6 +56,42 @@ def _retry_locked(fn, *args, **kwargs):
             delay = min(2 * delay, 1.0)
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str, wait: float = LOCKED_RETRY_SECONDS):
+    """For an sqlite store, hold an exclusive lock on ``<database>.lock`` while MLflow opens it: creating or migrating
+    the database is not safe against a concurrent one (two stages starting together on a fresh store leave it
+    half-migrated for good: "table _alembic_tmp_metrics already exists"), nor is creating the experiment. Other
+    stores, or no ``fcntl``: no lock. Given up after ``wait`` seconds (then MLflow's own error, if any, is reported)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    try:
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _one_line(err: Exception, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
@@ -98,7 +135,8 @@ class Tracker:
 
             self._mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri())
-            _retry_locked(mlflow.set_experiment, EXPERIMENT)
+            with _sqlite_init_lock(tracking_uri()):  # the first call opens (creates, migrates) the store
+                _retry_locked(mlflow.set_experiment, EXPERIMENT)
             name = "/".join(p for p in (self.stage, self.task, self.variant) if p)
             tags = {"stage": self.stage, "task": self.task or "", "variant": self.variant or "",
                     "git_commit": git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "")}
