@@ -37,7 +37,8 @@ def metrics(tmp_path) -> Path:
         "embedded": {"100": {"dual_s": 0.1, "dual_measured": "end_to_end", "teacher_s": 5.0,
                              "teacher_extrapolated": True, "teacher_pairs_sampled": 256}},
         "paper": {"100": {"dual_s": 2.0, "dual_measured": "extrapolated", "teacher_s": 900.0,
-                          "teacher_extrapolated": True, "teacher_pairs_sampled": 64}}})
+                          "teacher_extrapolated": True, "teacher_pairs_sampled": 64}},
+        "setup": {"units": {"dual_s": "seconds"}}, "device": {"kind": "cpu"}})
     return root
 
 

@@ -266,10 +266,9 @@ def retrieval_cost_table(metrics_dir: str | Path) -> pd.DataFrame:
     if cost is None:
         return pd.DataFrame([{"scale": missing(path)}]).set_index("scale")
     rows = []
-    for scale, sizes in cost.items():
-        if not isinstance(sizes, dict) or scale in ("device",):
-            continue
-        for n, r in sizes.items():
+    for scale in ("embedded", "paper"):
+        sizes = cost.get(scale) or {}
+        for n, r in sorted(sizes.items(), key=lambda item: int(item[0]) if item[0].isdigit() else -1):
             if not isinstance(r, dict) or "dual_s" not in r:
                 continue
             rows.append({"scale": scale, "N images": str(n), "captions": str(5 * int(n)),
