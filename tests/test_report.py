@@ -56,6 +56,10 @@ def test_main_table_says_missing_and_does_not_average_a_gap(metrics):
     row = frame.loc[tables.label("dide")]
     assert row["snli_ve test"] == f"missing: {metrics / 'eval/snli_ve/dide.json'}"
     assert row["avg. test"].startswith("n/a")
+    runs = {"nlvr2": ["dide"], "snli_ve": [], "vqa": ["dide"]}
+    row = tables.paper_main_table(metrics, ["nlvr2", "snli_ve", "vqa"], ["teacher", "dide"], task_variants=runs).loc[
+        tables.label("dide")]
+    assert row["snli_ve test"] == tables.NOT_RUN and row["nlvr2 test"] == "60.0"
 
 
 def test_ablation_cells_are_mean_and_sample_std_over_seeds(metrics):

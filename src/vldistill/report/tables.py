@@ -178,22 +178,28 @@ def _score(metrics_dir: Path, task: str, model: str, split: str, metric: str) ->
     return (None if scores is None else scores.get(split, {}).get(metric)), path
 
 
-def paper_main_table(metrics_dir: str | Path, tasks: list[str], models: list[str], decimals: int = 1) -> pd.DataFrame:
+NOT_RUN = "not in runs"
+
+
+def paper_main_table(metrics_dir: str | Path, tasks: list[str], models: list[str], decimals: int = 1,
+                     task_variants: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Table 1: rows = models, columns = dev and test of each classification task's metric (%), and the average of
-    the test columns (only when every one of them is present)."""
+    the test columns (only when every one of them is present). With ``task_variants`` (the students ``runs`` trains
+    per task), a student not trained on a task shows :data:`NOT_RUN` there instead of a missing file."""
     metrics_dir = Path(metrics_dir)
     rows = []
     for model in models:
         row, tests = {"model": label(model)}, []
         for task in [t for t in CLASSIFICATION_TASKS if t in tasks]:
             metric = TASK_METRICS[task][0]
+            trained = model == "teacher" or task_variants is None or model in task_variants.get(task, [])
             for split in ("dev", "test"):
-                value, path = _score(metrics_dir, task, model, split, metric)
-                row[f"{task} {split}"] = _percent(value, decimals) or missing(path)
+                value, path = _score(metrics_dir, task, model, split, metric) if trained else (None, None)
+                row[f"{task} {split}"] = _percent(value, decimals) or (missing(path) if trained else NOT_RUN)
                 if split == "test":
                     tests.append(value)
         row["avg. test"] = (f"{100 * sum(tests) / len(tests):.{decimals}f}" if tests and None not in tests
-                            else "n/a (an input is missing)")
+                            else "n/a (not every task has a score)")
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 
