@@ -69,3 +69,51 @@ def test_rejects_float_or_channels_first_images():
         randaugment(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 2, 9, torch.Generator())
     with pytest.raises(ValueError, match="uint8"):
         randaugment(torch.zeros(2, 8, 8, 3), 2, 9, torch.Generator())
+
+
+def _pair_split(n: int = 16):
+    """An NLVR2-like split: two image columns over a store of ``n`` random images."""
+    from vldistill.data.datasets import EncodedSplit
+
+    left = torch.arange(n)
+    return EncodedSplit(columns={"image_left": left, "image_right": left.flip(0), "labels": left % 2},
+                        images=_images(n, 24, 24), pixel_norm="unit", texts=[""] * n)
+
+
+def test_training_loader_augments_its_images_replayably_and_only_when_asked():
+    """``loader(augment=...)`` RandAugments the gathered images of every image column before ``to_pixels``: the same
+    indices give the same pixels whenever collated (a resumed run replays them), the pixels differ from the plain
+    ones, and the loader without ``augment`` (dev, test, pre-training) gives exactly the stored images."""
+    from functools import partial
+
+    from vldistill.data.datasets import to_pixels
+
+    split = _pair_split()
+    augment = partial(augment_images, params=AugmentParams(randaugment=True), stage="distill_finetune")
+    plain = next(iter(split.loader(4, shuffle=False, seed=0)))
+    first = next(iter(split.loader(4, shuffle=False, seed=0, augment=augment)))
+    again = next(iter(split.loader(4, shuffle=False, seed=0, augment=augment)))
+    other_seed = next(iter(split.loader(4, shuffle=False, seed=1, augment=augment)))
+    assert torch.equal(plain["pixel_values_left"], to_pixels(split.images[:4], "unit"))
+    for key in ("pixel_values_left", "pixel_values_right"):
+        assert first[key].shape == plain[key].shape == (4, 3, 24, 24)
+        assert torch.equal(first[key], again[key])
+        assert not torch.equal(first[key], plain[key])
+        assert not torch.equal(first[key], other_seed[key])
+    assert torch.equal(first["labels"], plain["labels"])
+
+
+@pytest.mark.parametrize("augment, stage, on", [
+    (AugmentParams(), "teacher_finetune", False),
+    (AugmentParams(randaugment=True), "teacher_finetune", True),
+    (AugmentParams(randaugment=True), "distill_finetune", True),
+    (AugmentParams(randaugment=True, stages=["teacher_finetune"]), "distill_finetune", False),
+    (AugmentParams(randaugment=True), "teacher_pretrain", False),
+])
+def test_training_stages_augment_as_train_augment_says(augment, stage, on):
+    from vldistill.config import Params
+    from vldistill.train.runs import _augment
+
+    params = Params.model_validate({"train": {"augment": augment.model_dump()},
+                                    "distill": {"cache_teacher": False}})
+    assert (_augment(params, stage) is not None) == on

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -77,6 +79,35 @@ def test_pretrain_and_tokenizer(tmp_path):
     ids = again("there is a red circle")["input_ids"]
     assert ids[0] == again.cls_token_id and ids[-1] == again.sep_token_id
     assert again.decode(ids, skip_special_tokens=True) == "there is a red circle"
+
+
+def test_tokenizer_is_the_same_in_every_process(tmp_path):
+    """The vocabulary is a function of the texts: two fresh interpreters write byte-identical tokenizer files
+    (tokenizers' WordPieceTrainer did not: its ties follow hash-map order, which differs per process)."""
+    texts = [f"there is a {c} {s} left of {n} {c2} objects" for c in ("red", "blue", "green") for s in
+             ("circle", "square", "triangle") for n in ("two", "three") for c2 in ("grey", "yellow")]
+    script = ("import sys; from vldistill.data.tokenizer import train_tokenizer, save; "
+              f"save(train_tokenizer({texts!r}, 60, 18), sys.argv[1])")
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, timeout=120)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+    assert not list(tmp_path.glob(".*tmpdir")), "the save goes through a temporary directory that is renamed"
+
+
+def test_wordpiece_vocab_holds_specials_alphabet_then_frequent_words():
+    from vldistill.data.tokenizer import SPECIAL, wordpiece_vocab
+
+    vocab = wordpiece_vocab(["Red ball, red box.", "a red ball"], 100)
+    alphabet = sorted(set("redballbox,.a"))
+    assert list(vocab) == [*SPECIAL, *alphabet, *(f"##{c}" for c in alphabet), "red", "ball", "box"]
+    assert list(vocab.values()) == list(range(len(vocab)))
+    cut = wordpiece_vocab(["Red ball, red box.", "a red ball"], len(SPECIAL) + 2 * len(alphabet) + 1)
+    assert list(cut)[-1] == "red"  # the most frequent word only
+    spelt = train_tokenizer(["Red ball, red box.", "a red ball"], len(cut), 18)
+    assert spelt.tokenize("red boxa") == ["red", "b", "##o", "##x", "##a"]  # a word left out is spelt
+    with pytest.raises(ValueError, match=r"^tokenizer.vocab_size=10: must be at least \d+"):
+        wordpiece_vocab(["a red ball"], 10)
 
 
 def test_pretrained_tokenizer_from_a_local_directory(tmp_path):

@@ -731,3 +731,51 @@ def test_stages_starting_together_on_a_fresh_store_all_track(tmp_path):
     finally:
         db.close()
     assert runs == [(f"teacher_finetune/{name}", "FINISHED", 200) for name in "abc"]
+
+
+DDP_NAN = '''
+import sys
+import torch
+from lightning_fabric import Fabric
+from test_fabric import _Noisy, _toy_split
+from vldistill.cli import stage_errors
+from vldistill.config import StageBudget
+from vldistill.train.loop import fit
+
+
+class NanOnRank1(_Noisy):
+    def forward(self, batch):
+        terms = super().forward(batch)
+        if self.rank == 1 and self.calls == 5:  # forward call 5 = the first micro-batch of optimizer step 3
+            terms = {"loss": terms["loss"] * float("nan"), "mse": terms["mse"] * float("nan")}
+        return terms
+
+
+fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+fabric.launch()
+fabric.seed_everything(0, verbose=False)
+model = NanOnRank1()
+model.rank = fabric.global_rank
+budget = StageBudget(epochs=2, batch_size=4, effective_batch=16, lr=0.05, log_every=4, checkpoint_every=1)
+with stage_errors("toy"):
+    fit(fabric, model, _toy_split(64).loader(4, True, 0, drop_last=True), lambda m: {"neg": 0.0}, budget, "neg",
+        sys.argv[1], sys.argv[2], "fp", 0)
+'''
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_ddp_process_stops_every_process_at_the_same_step(tmp_path):
+    """Two gloo processes; only rank 1 computes a NaN loss (step 3). Without agreement rank 0 would enter backward and
+    wait for rank 1's gradients forever; with it both stop before that backward, rank 0 prints the one line naming
+    the term and the process, and the checkpoint of step 2 is kept."""
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(DDP_NAN)
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "curve.csv")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: toy: loss term 'mse' is nan on process 1 at step 3; last good checkpoint kept at "
+                     f"{tmp_path / 'ckpt' / 'last.ckpt'} (step 2)"], out.stderr[-3000:]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["step"] == 2

@@ -149,10 +149,11 @@ class DataParams(Strict):
 
 
 class TokenizerParams(Strict):
-    """``pretrained: null`` trains a WordPiece tokenizer on the enabled tasks' training texts (embedded); a hub id
+    """``pretrained: null`` builds a WordPiece vocabulary from the enabled tasks' training texts (embedded: special
+    tokens, characters, then whole words by frequency; see ``vldistill.data.tokenizer``); a hub id
     (``bert-base-uncased``, as ViLT) or a local directory loads that tokenizer instead (paper scale)."""
 
-    vocab_size: int = Field(1000, ge=50, le=100_000, description="upper bound for the trained WordPiece vocabulary")
+    vocab_size: int = Field(1000, ge=50, le=100_000, description="upper bound for the built WordPiece vocabulary")
     pretrained: str | None = None
 
 

@@ -9,14 +9,20 @@ optimizer step of W processes sees the examples one process would) and skips ahe
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vldistill.data.prepared import read_answers, read_images, read_split
+
+
+Augment = Callable[..., torch.Tensor]  # augment(uint8 images (B, H, W, 3), generator=...) → same shape and dtype
 
 
 def to_pixels(images: torch.Tensor, norm: str) -> torch.Tensor:
@@ -125,21 +131,37 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], augment: Augment | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The batch of examples ``indices``; image columns become pixels ``(B, 3, H, W)``.
+
+        ``augment(images, generator)`` (uint8 ``(B, H, W, 3)`` → same) transforms the gathered images first, with a
+        generator seeded from ``seed`` and the indices themselves: a batch is augmented the same way whenever it is
+        collated (a resumed run replays it exactly, on any number of processes) and draws nothing from other streams.
+        """
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {"index": idx}
+        generator = None
+        if augment is not None:
+            # torch's CPU generator keeps 32 bits of a seed: one CRC-32 over the seed and the indices
+            generator = torch.Generator().manual_seed(zlib.crc32(np.array([seed, *indices], dtype=np.int64)))
         for key, values in self.columns.items():
             batch[key] = values[idx]
             if key in self.IMAGE_KEYS:
-                batch[self.IMAGE_KEYS[key]] = to_pixels(self.images[values[idx]], self.pixel_norm)
+                images = self.images[values[idx]]
+                if augment is not None:
+                    images = augment(images, generator=generator)
+                batch[self.IMAGE_KEYS[key]] = to_pixels(images, self.pixel_norm)
         return batch
 
-    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> DataLoader:
+    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False,
+               augment: Augment | None = None) -> DataLoader:
         """Batches from :class:`EpochBatches` (``loader.batch_sampler``: ``set_epoch`` picks the epoch's order,
-        ``shard`` the process's share). The DataLoader gets a generator of its own so that iterating it never draws
-        from the global torch RNG (the stream dropout and masking use)."""
+        ``shard`` the process's share), their images through ``augment`` if given (see :meth:`collate`). The
+        DataLoader gets a generator of its own so that iterating it never draws from the global torch RNG (the
+        stream dropout and masking use)."""
         batches = EpochBatches(len(self), batch_size, shuffle, seed, drop_last)
-        return DataLoader(Indices(len(self)), batch_sampler=batches, collate_fn=self.collate,
+        collate = self.collate if augment is None else partial(self.collate, augment=augment, seed=seed)
+        return DataLoader(Indices(len(self)), batch_sampler=batches, collate_fn=collate,
                           generator=torch.Generator().manual_seed(seed), num_workers=0)
 
     def random_pixels(self, n: int, generator: torch.Generator) -> torch.Tensor:

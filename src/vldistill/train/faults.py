@@ -49,8 +49,12 @@ class NonFiniteLoss(TrainingStopped, FloatingPointError):
     """A loss term (or the gradient norm) was NaN or infinite at optimizer step ``step`` (1-based, the step being
     computed); nothing of that step was applied, and the last checkpoint written before it is kept as it was."""
 
-    def __init__(self, what: str, step: int, checkpoint: Path, checkpoint_step: int | None):
+    def __init__(self, what: str, step: int, checkpoint: Path, checkpoint_step: int | None, rank: int = 0):
         self.step, self.checkpoint, self.checkpoint_step = step, checkpoint, checkpoint_step
+        # Under several processes every one stops at the same step (see agreed_non_finite); only rank 0 reports and
+        # fails, the others exit 0 (as for Interrupted: Fabric's launcher would kill rank 0 before it says why).
+        self.exit_code = 1 if rank == 0 else 0
+        self.report = rank == 0
         kept = (f"last good checkpoint kept at {checkpoint} (step {checkpoint_step})" if checkpoint_step is not None
                 else "no checkpoint was written before it")
         super().__init__(f"{what} at step {step}; {kept}")
@@ -67,6 +71,27 @@ def non_finite_terms(values: dict[str, float]) -> str | None:
         (name, value), = parts.items()
         return f"loss term '{name}' is {value}"
     return "loss terms " + ", ".join(f"'{k}' ({v})" for k, v in parts.items()) + " are not finite"
+
+
+def agreed_non_finite(fabric, bad: str | None) -> str | None:
+    """``bad`` (:func:`non_finite_terms` of this process) made the same on every process: ``None`` when every
+    process's terms are finite, else what was not and where, e.g. ``loss term 'soft' is nan on process 1``.
+
+    One all-reduce of a flag per micro-batch under several processes (none with one), so that a NaN seen by one
+    process stops all of them before the backward pass whose gradient all-reduce the others would wait in forever.
+    """
+    if fabric.world_size == 1:
+        return bad
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(bad is not None)], dtype=torch.int32, device=fabric.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not int(flag.item()):
+        return None
+    seen: list[str | None] = [None] * fabric.world_size
+    dist.all_gather_object(seen, bad)
+    return "; ".join(f"{what} on process {rank}" for rank, what in enumerate(seen) if what)
 
 
 class StopSignals:

@@ -47,8 +47,8 @@ from tqdm import tqdm
 from vldistill.config import FabricParams, StageBudget
 from vldistill.data.datasets import EpochBatches
 from vldistill.io import atomic_path
-from vldistill.train.faults import Interrupted, NonFiniteLoss, StopSignals, non_finite_terms
-from vldistill.train.optim import param_groups, warmup_linear
+from vldistill.train.faults import Interrupted, NonFiniteLoss, StopSignals, agreed_non_finite, non_finite_terms
+from vldistill.train.optim import adamw, warmup_linear
 from vldistill.train.tracking import Tracker
 
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
@@ -123,7 +123,7 @@ def fit(
     steps_per_epoch = max(1, len(loader) // accumulate)
     total_steps = steps_per_epoch * budget.epochs
 
-    optimizer = torch.optim.AdamW(param_groups(model, budget, head_prefixes), lr=budget.lr)
+    optimizer = adamw(model, budget, head_prefixes)
     scheduler = warmup_linear(optimizer, total_steps, budget.warmup_ratio)
     model, optimizer = fabric.setup(model, optimizer)
 
@@ -158,9 +158,9 @@ def fit(
                 with fabric.no_backward_sync(model, enabled=not is_step):
                     terms = model(batch)
                     values = {k: float(v.detach()) for k, v in terms.items()}  # the one host sync per term
-                    bad = non_finite_terms(values)
+                    bad = agreed_non_finite(fabric, non_finite_terms(values))
                     if bad:
-                        raise NonFiniteLoss(bad, state["step"] + 1, ckpt_path, saved_step)
+                        raise NonFiniteLoss(bad, state["step"] + 1, ckpt_path, saved_step, rank)
                     fabric.backward(terms["loss"] / accumulate)
                 for k, v in values.items():
                     window["terms"][k] = window["terms"].get(k, 0.0) + v / accumulate
@@ -277,7 +277,7 @@ def _clip_gradients(fabric: Fabric, model, optimizer, max_norm: float, step: int
         if "non-finite" not in str(err):
             raise
         raise NonFiniteLoss("gradient norm is nan or inf (every loss term finite)", step, ckpt_path,
-                            saved_step) from None
+                            saved_step, fabric.global_rank) from None
 
 
 def _rng_state() -> dict:

@@ -27,6 +27,13 @@ def param_groups(model: nn.Module, budget: StageBudget, head_prefixes: tuple[str
     ]
 
 
+def adamw(model: nn.Module, budget: StageBudget, head_prefixes: tuple[str, ...]) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, with torch's fused kernel (one call for all tensors; CPU and CUDA). The
+    default on CPU loops over the tensors one by one, which for these small models was a quarter of an optimizer
+    step's fixed cost (7.3 ms against 1.4 ms for two 4-layer towers)."""
+    return torch.optim.AdamW(param_groups(model, budget, head_prefixes), lr=budget.lr, fused=True)
+
+
 def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
     """LambdaLR: factor ``s / w`` for ``s < w``, then ``(total − s) / (total − w)``; ``w = warmup_ratio · total``."""
     warmup = max(1, int(round(warmup_ratio * total_steps)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from vldistill import paths
 from vldistill.config import Params, flatten
 from vldistill.data import tokenizer as tok
+from vldistill.data.augment import augment_images
 from vldistill.data.datasets import load_split
 from vldistill.data.prepared import read_answers
 from vldistill.evaluate.metrics import recall_at_k, retrieval_scores, task_metrics
@@ -41,8 +43,12 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def _image_size(params: Params) -> int:
-    return params.data.scene.grid * params.data.scene.cell
+def _augment(params: Params, stage: str):
+    """``train.augment`` for ``stage``'s training loader (:func:`augment_images`), or ``None`` when it is off there."""
+    augment = params.train.augment
+    if not augment.randaugment or stage not in augment.stages:
+        return None
+    return partial(augment_images, params=augment, stage=stage)
 
 
 def _split(params: Params, task: str, split: str, tokenizer):
@@ -92,7 +98,9 @@ def teacher_pretrain(params: Params) -> dict:
     fabric = make_fabric(params.fabric, params.seed)
     tokenizer = tok.load(paths.TOKENIZER)
     train, dev = _split(params, "pretrain", "train", tokenizer), _split(params, "pretrain", "dev", tokenizer)
-    config = vilt_config(params.teacher, _image_size(params), len(tokenizer))
+    # ViLT's image_size: the shorter side of the pre-training images (384 at paper scale); the position embeddings of
+    # that square grid are resized to each image's patch grid (models.teacher.patch_tokens)
+    config = vilt_config(params.teacher, min(train.images.shape[1:3]), len(tokenizer))
     model = ViltTeacher(config, heads=("mlm", "itm"), tie_mlm_decoder=params.teacher.tie_mlm_decoder)
     special = [tokenizer.convert_tokens_to_ids(t) for t in tok.SPECIAL]
     objective = objectives.Objective(model, objectives.teacher_pretrain_loss(tokenizer.mask_token_id, len(tokenizer), special))
@@ -160,11 +168,12 @@ def teacher_finetune(params: Params, task: str) -> dict:
     negatives = params.train.retrieval_negatives
     objective = objectives.Objective(model, objectives.teacher_task_loss(task, negatives))
     ckpt, curve = paths.checkpoint_dir(stage, task), paths.curve_path(stage, task)
-    with Tracker(stage, flatten({"seed": params.seed, f"train.{stage}": budget}), task=task,
-                 enabled=fabric.is_global_zero) as tracker:
-        result = fit(fabric, objective, train.loader(budget.batch_size, True, params.seed, drop_last=True),
-                     _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
-                     fingerprint(budget.model_dump(), params.seed, negatives, pretrained, paths.PREPARED / task),
+    with Tracker(stage, flatten({"seed": params.seed, f"train.{stage}": budget, "train.augment": params.train.augment}),
+                 task=task, enabled=fabric.is_global_zero) as tracker:
+        loader = train.loader(budget.batch_size, True, params.seed, drop_last=True, augment=_augment(params, stage))
+        result = fit(fabric, objective, loader, _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
+                     fingerprint(budget.model_dump(), params.seed, negatives, pretrained, paths.PREPARED / task,
+                                 params.train.augment.model_dump()),
                      params.seed, tracker, head_prefixes=("model.classifier", "model.rank_output"))
         result.best_state = _strip(result.best_state)
         return _finish(fabric, model, result, paths.model_dir(stage, task), paths.train_metrics(stage, task), ckpt,
@@ -292,13 +301,16 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
     objective = objectives.Objective(student, loss, extras)
     ckpt, curve = paths.checkpoint_dir(stage, task, variant), paths.curve_path(stage, task, variant)
     with Tracker(stage, flatten({"seed": seed, "distill": recipe, "student": params.student,
-                                 "student_kind": params.student_kind(variant), f"train.{stage}": budget}),
+                                 "student_kind": params.student_kind(variant), f"train.{stage}": budget,
+                                 "train.augment": params.train.augment}),
                  task=task, variant=variant, enabled=fabric.is_global_zero) as tracker:
-        result = fit(fabric, objective, train.loader(budget.batch_size, True, seed, drop_last=True),
+        result = fit(fabric, objective,
+                     train.loader(budget.batch_size, True, seed, drop_last=True, augment=_augment(params, stage)),
                      _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
                      fingerprint(recipe.model_dump(), params.student.model_dump(), params.student_kind(variant),
                                  budget.model_dump(), seed, negatives, paths.model_dir("teacher_finetune", task),
-                                 paths.model_dir("distill_pretrain"), paths.PREPARED / task),
+                                 paths.model_dir("distill_pretrain"), paths.PREPARED / task,
+                                 params.train.augment.model_dump()),
                      seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"))
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage, task, variant),
