@@ -49,6 +49,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_figure(fig, out: str | Path, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG atomically (:func:`atomic_path`) and close it; returns ``out``."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return out
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path`` to write a whole directory into (``save_pretrained``, a

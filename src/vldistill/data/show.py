@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vldistill.data.prepared import read_images, read_split
-from vldistill.io import atomic_path
+from vldistill.io import save_figure
 
 
 def _label(row) -> str:
@@ -49,11 +49,7 @@ def draw_examples(root: str | Path, task: str, split: str, n: int, out: str | Pa
         ax.set_title("\n".join(textwrap.wrap(row["text"], 34)) + f"\n→ {_label(row)}", fontsize=9)
     fig.suptitle(f"{task} / {split}: {len(frame)} examples", fontsize=11)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def main() -> None:

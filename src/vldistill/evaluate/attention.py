@@ -9,12 +9,13 @@ queries and its image tower's keys. Per example they are averaged over heads and
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
 
 from vldistill.distill.attention import capture_qk
-from vldistill.io import atomic_path
+from vldistill.io import save_figure
 from vldistill.distill.knowledge import dual_views, fusion_views
 from vldistill.models.dual import DualEncoder
 from vldistill.train import tasks
@@ -71,7 +72,7 @@ def plot_maps(images: torch.Tensor, texts: list[str], maps: dict[str, torch.Tens
     for row in range(n):
         grid_rows, grid_cols = next(iter(maps.values())).shape[1:]
         axes[row, 0].imshow(images[row].numpy(), extent=(0, grid_cols, grid_rows, 0))
-        axes[row, 0].set_title("\n".join(_wrap(texts[row], 30)), fontsize=7)
+        axes[row, 0].set_title("\n".join(textwrap.wrap(texts[row], 30)), fontsize=7)
         top = max(float(m[row].max()) for m in maps.values())
         for col, (name, grid_maps) in enumerate(maps.items(), start=1):
             heat = grid_maps[row].numpy()
@@ -88,11 +89,7 @@ def plot_maps(images: torch.Tensor, texts: list[str], maps: dict[str, torch.Tens
             ax.tick_params(labelbottom=False, labelleft=False, length=0)
     fig.suptitle(title + "\n(% of the text's attention on each image patch)", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def _cells(heat):
@@ -100,12 +97,3 @@ def _cells(heat):
     return (((r, c), float(heat[r, c])) for r in range(rows) for c in range(cols))
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vldistill.io import atomic_path
+from vldistill.io import save_figure
 
 MODEL_COLOURS = {"teacher": "tab:red", "dual": "tab:blue", "dual_cached": "tab:green"}
 MODEL_NAMES = {"teacher": "ViLT teacher", "dual": "dual encoder", "dual_cached": "dual, images cached"}
@@ -23,11 +23,7 @@ def _pyplot():
 
 
 def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    _pyplot().close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 def plot_latency(latency: dict, out: str | Path) -> Path:

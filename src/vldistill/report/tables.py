@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vldistill.io import atomic_path
+from vldistill.io import save_figure
 
 MODEL_LABELS = {
     "teacher": "ViLT teacher (fusion encoder)",
@@ -140,11 +140,7 @@ def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, t
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 def data_summary(metrics_dir: str | Path, tasks: list[str]) -> pd.DataFrame:
