@@ -123,10 +123,58 @@ def test_retrieval_distillation_terms_are_finite_and_only_train_the_student(teac
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
-def test_teacher_retrieval_loss_is_cross_entropy_over_candidates(teacher):
+def test_teacher_retrieval_loss_is_cross_entropy_over_candidates_in_both_directions(teacher):
+    """Reference: every (caption, image) pair scored alone with ``rank_score``; the loss is the mean of the CE of each
+    caption over [its image, its negatives' images] and of each image over [its caption, its negatives' captions]."""
+    import copy
+
+    import torch.nn.functional as F
+
+    teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        teacher.rank_output.weight.mul_(300.0)  # a random head scores every pair alike: spread the scores
+    batch = _retrieval_batch()
     torch.manual_seed(0)
-    terms = teacher_task_loss("retrieval", negatives=2)(teacher, _retrieval_batch())
-    assert torch.isfinite(terms["loss"]) and terms["loss"] > 0
+    cands = tasks.candidates(batch, 2)
+    torch.manual_seed(0)  # the same random tie-breaks inside the loss
+    loss = teacher_task_loss("retrieval", negatives=2)(teacher, batch)["loss"]
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    with torch.no_grad():
+        pair = lambda t, i: teacher.rank_score(ids[t:t + 1], mask[t:t + 1], pixels[i:i + 1])[0, 0]  # noqa: E731
+        ir = torch.stack([torch.stack([pair(b, int(j)) for j in row]) for b, row in enumerate(cands)])
+        tr = torch.stack([torch.stack([pair(int(j), b) for j in row]) for b, row in enumerate(cands)])
+    positive = torch.zeros(B, dtype=torch.long)
+    reference = (F.cross_entropy(ir, positive) + F.cross_entropy(tr, positive)) / 2
+    assert torch.allclose(loss, reference, atol=1e-5)
+    assert torch.equal(ir[:, 0], tr[:, 0]) and (ir[:, 1:] - tr[:, 1:]).abs().max() > 1e-3  # other pairs per image
+
+
+def test_dual_retrieval_soft_labels_compare_both_directions(teacher):
+    """The dual student's ``soft`` term is the mean of the KL over candidate images per caption and over candidate
+    captions per image, each against the teacher's rank scores of the same candidates."""
+    from vldistill.distill import losses
+    from vldistill.train.objectives import fusion_rank_outputs
+
+    import copy
+
+    teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        teacher.rank_output.weight.mul_(300.0)
+    torch.manual_seed(0)
+    student = DualEncoder.from_teacher(teacher, 24, task="retrieval", num_outputs=1).eval()
+    batch = _retrieval_batch()
+    recipe = DistillParams(knowledge=["soft"], temperature=2.0)
+    torch.manual_seed(0)
+    cands = tasks.candidates(batch, 2)
+    torch.manual_seed(0)
+    soft = retrieval_distill_loss(recipe, [(1, 1)], teacher, 2)(student, batch)["soft"]
+    with torch.no_grad():
+        target = fusion_rank_outputs(teacher, batch, cands, [], False)
+        itc = student.itc_logits(student.encode_text(batch["input_ids"], batch["attention_mask"]).cls,
+                                 student.encode_image(batch["pixel_values"], 1).cls)
+    ir = losses.soft_labels(itc.gather(1, cands), target["scores"], 2.0)
+    tr = losses.soft_labels(itc.T.gather(1, cands), target["scores_tr"], 2.0)
+    assert torch.allclose(soft, (ir + tr) / 2, atol=1e-5) and not torch.allclose(soft, ir, atol=1e-4)
 
 
 def test_runs_table_is_checked(tmp_path):

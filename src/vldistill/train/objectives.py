@@ -98,13 +98,13 @@ def teacher_pretrain_loss(mask_id: int, vocab_size: int, special_ids: list[int])
 
 def teacher_task_loss(task: str, negatives: int = 3):
     """Fine-tuning loss of a fusion encoder (the teacher) on ``task``: ``gt`` of :func:`tasks.ground_truth` on the
-    task logits; retrieval: CE over the rank scores of each caption with its own image and ``negatives`` hard
-    negatives (ViLT's IRTR recipe)."""
+    task logits; retrieval: :func:`rank_ground_truth`, CE over the rank scores of each caption with its own image and
+    ``negatives`` hard-negative images, and of each image with its own caption and ``negatives`` hard-negative
+    captions (ViLT's IRTR ranks false texts per image; both directions are scored at test)."""
 
     def loss_fn(model, batch: dict) -> dict[str, torch.Tensor]:
         if task == "retrieval":
-            scores = fusion_rank_outputs(model, batch, tasks.candidates(batch, negatives), [], False)["scores"]
-            ce = losses.ground_truth(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
+            ce = rank_ground_truth(fusion_rank_outputs(model, batch, tasks.candidates(batch, negatives), [], False))
         else:
             ce = tasks.ground_truth(fusion_outputs(model, batch, [], False)["logits"], batch)
         return {"loss": ce, "gt": ce}
@@ -209,28 +209,51 @@ def dide_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher_fn: C
 # --------------------------------------------------------------------------------------------------- retrieval
 def fusion_rank_outputs(model: ViltTeacher, batch: dict, cands: torch.Tensor, layers: list[int], views: bool,
                         states: bool = True) -> dict:
-    """Rank scores of a fusion encoder for each caption against its candidate images ``cands (B, 1+K)`` (own image
-    first) → ``scores (B, 1+K)``; ``views`` of the matched pass only (``[{layer: LayerView}]``)."""
+    """Rank scores of a fusion encoder in both retrieval directions over the candidates ``cands (B, 1+K)`` (row b
+    itself first, then its K hard negatives, :func:`tasks.candidates`):
+
+    - ``scores (B, 1+K)``: caption b against image b and the images of rows ``cands[b, 1:]`` (image retrieval);
+    - ``scores_tr (B, 1+K)``: image b against caption b and the captions of rows ``cands[b, 1:]`` (text retrieval);
+
+    column 0 of both is the same matched pass. ``views`` of the matched pass only (``[{layer: LayerView}]``).
+    """
     ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
     heads, text_len = model.config.num_attention_heads, ids.shape[1]
     (_, pooled), matched_views = fusion_views(model.vilt.encoder.layer, lambda: model.encode(ids, mask, pixels),
                                               layers if views else [], heads, text_len, want_states=states)
-    negatives = cands[:, 1:]
-    k = negatives.shape[1]
-    _, neg_pooled = model.encode(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), pixels[negatives.flatten()])
-    scores = torch.cat([model.rank_output(pooled), model.rank_output(neg_pooled).view(len(ids), k)], dim=1)
-    return {"scores": scores, "views": [matched_views]}
+    negatives = cands[:, 1:].flatten()
+    k = cands.shape[1] - 1
+    _, other_images = model.encode(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), pixels[negatives])
+    _, other_texts = model.encode(ids[negatives], mask[negatives], pixels.repeat_interleave(k, 0))
+    matched = model.rank_output(pooled)
+    return {"scores": torch.cat([matched, model.rank_output(other_images).view(len(ids), k)], dim=1),
+            "scores_tr": torch.cat([matched, model.rank_output(other_texts).view(len(ids), k)], dim=1),
+            "views": [matched_views]}
+
+
+def rank_ground_truth(out: dict) -> torch.Tensor:
+    """``gt`` of retrieval: mean of the CE of ``scores`` and of ``scores_tr`` ``(B, 1+K)``, the positive in column 0."""
+    positive = torch.zeros(len(out["scores"]), dtype=torch.long, device=out["scores"].device)
+    return (losses.ground_truth(out["scores"], positive) + losses.ground_truth(out["scores_tr"], positive)) / 2
+
+
+def rank_soft_labels(student: dict, teacher: dict, temperature: float) -> torch.Tensor:
+    """``soft`` of retrieval: mean over both directions of τ²·KL(teacher ‖ student) of ``scores`` / ``scores_tr``."""
+    return (losses.soft_labels(student["scores"], teacher["scores"], temperature)
+            + losses.soft_labels(student["scores_tr"], teacher["scores_tr"], temperature)) / 2
 
 
 def retrieval_distill_loss(recipe: DistillParams, pairs: list[tuple[int, int]], teacher: ViltTeacher | None,
                            negatives: int, modules: KnowledgeModules | None = None):
     """Fine-tuning distillation on image–text retrieval. Each caption is scored against its own image and
-    ``negatives`` hard negatives from the batch (:func:`tasks.candidates`), by the teacher (ITM rank scores) and by
-    the student:
+    ``negatives`` hard-negative images from the batch, and each image against its own caption and ``negatives``
+    hard-negative captions (:func:`tasks.candidates`, :func:`fusion_rank_outputs`), by the teacher (rank scores) and
+    by the student:
 
     - dual encoder: ``gt`` = symmetric in-batch contrastive CE of ``itc_logits`` (captions of the same image are all
-      positives); ``soft`` = τ²·KL(softmax teacher scores ‖ softmax student similarities) over the candidates;
-    - fusion student: ``gt`` = CE of its rank scores over the candidates (positive first); ``soft`` as above;
+      positives); ``soft`` = :func:`rank_soft_labels`, τ²·KL(softmax teacher scores ‖ softmax student similarities)
+      over the candidates, both directions;
+    - fusion student: ``gt`` = :func:`rank_ground_truth` (both directions, positive first); ``soft`` as above;
     - attention / state terms on the matched pairs only (the teacher would be quadratic otherwise).
     """
     knowledge = set(recipe.knowledge)
@@ -243,10 +266,9 @@ def retrieval_distill_loss(recipe: DistillParams, pairs: list[tuple[int, int]], 
         terms: dict[str, torch.Tensor] = {}
         if isinstance(student, ViltTeacher):
             out = fusion_rank_outputs(student, batch, cands, student_layers, views)
-            scores, s_views = out["scores"], out["views"]
+            s_views = out["views"]
             if "gt" in knowledge:
-                terms["gt"] = losses.ground_truth(scores, torch.zeros(len(scores), dtype=torch.long,
-                                                                      device=scores.device))
+                terms["gt"] = rank_ground_truth(out)
         else:
             ids, mask = batch["input_ids"], batch["attention_mask"]
             heads, wanted = student.config.num_attention_heads, student_layers if views else []
@@ -257,8 +279,8 @@ def retrieval_distill_loss(recipe: DistillParams, pairs: list[tuple[int, int]], 
                     capture_hidden(student.image.layer, wanted) as image_h:
                 image = student.encode_image(batch["pixel_values"], 1)
             s_views = [dual_views(text_qk, text_h, image_qk, image_h, wanted)]
-            itc = student.itc_logits(text.cls, image.cls)
-            scores = itc.gather(1, cands)
+            itc = student.itc_logits(text.cls, image.cls)                 # (B captions, B images)
+            out = {"scores": itc.gather(1, cands), "scores_tr": itc.T.gather(1, cands)}
             if "gt" in knowledge:
                 terms["gt"] = contrastive(itc, batch["image"])
         if knowledge - {"gt"}:
@@ -266,7 +288,7 @@ def retrieval_distill_loss(recipe: DistillParams, pairs: list[tuple[int, int]], 
                 target = fusion_rank_outputs(teacher, batch, cands, teacher_layers, views, states=bool(
                     knowledge & set(STATE_TERMS)))
             if "soft" in knowledge:
-                terms["soft"] = losses.soft_labels(scores, target["scores"], recipe.temperature)
+                terms["soft"] = rank_soft_labels(out, target, recipe.temperature)
             if views:
                 terms |= knowledge_terms(knowledge, pairs, s_views, target["views"], batch["attention_mask"], modules)
         return _weighted(terms, recipe.weights)

@@ -7,7 +7,8 @@ task       images/example  teacher head (outputs)       ground truth            
 nlvr2      2 (left, right) ``classifier`` (2)           CE on True/False                     accuracy
 snli_ve    1               ``classifier`` (3)           CE on entailment/neutral/contradict  accuracy
 vqa        1               ``classifier`` (#answers)    BCE × #answers on soft scores        vqa_score
-retrieval  1               ``rank_output`` (1)          CE over [pair, K hard negatives]     r_mean
+retrieval  1               ``rank_output`` (1)          CE over [pair, K hard negatives],    r_mean
+                                                        per caption and per image
 =========  ==============  ===========================  ===================================  ==========
 """
 
@@ -70,6 +71,8 @@ def hard_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, images
 
 
 def candidates(batch: dict, k: int) -> torch.Tensor:
-    """``(B, 1 + k)`` in-batch image indices per caption: its own image first, then its ``k`` hard negatives."""
+    """``(B, 1 + k)`` in-batch row indices per row: itself first, then its ``k`` hard negatives — the rows whose
+    images are scored against its caption (image retrieval) and whose captions are scored against its image (text
+    retrieval: captions that share the most words with the image's own caption)."""
     own = torch.arange(len(batch["image"]), device=batch["image"].device)[:, None]
     return torch.cat([own, hard_negatives(batch["input_ids"], batch["attention_mask"], batch["image"], k)], dim=1)
