@@ -127,19 +127,24 @@ def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, t
     import matplotlib.pyplot as plt
 
     fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    colours: dict[str, str] = {}  # seed replicas (<variant>_seed<k>) share their variant's colour, dashed
     for name, frame in frames.items():
+        base = SEED_SUFFIX.sub("", name)
+        style = {"color": colours.setdefault(base, f"C{len(colours) % 10}"), "linestyle": "--" if base != name else "-"}
         if f"dev_{metric}" in frame:
             dev = frame.dropna(subset=[f"dev_{metric}"])
-            ax_dev.plot(dev["step"], 100 * dev[f"dev_{metric}"], marker="o", label=label(name))
+            ax_dev.plot(dev["step"], 100 * dev[f"dev_{metric}"], marker="o", label=label(name), **style)
         train = frame.dropna(subset=["loss"])
-        ax_loss.plot(train["step"], train["loss"], label=label(name), alpha=0.8)
+        ax_loss.plot(train["step"], train["loss"], label=label(name), alpha=0.8, **style)
     ax_dev.set(xlabel="optimizer step", ylabel=f"dev {metric} (%)", title=f"{title}: dev {metric}")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (weighted sum)", title=f"{title}: training loss",
                 yscale="log")
     for ax in (ax_dev, ax_loss):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, names = ax_loss.get_legend_handles_labels()  # one legend under both panels: it never hides a curve
+    rows = -(-len(names) // 3)
+    fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
     return save_figure(fig, out, dpi=110)
 
 
