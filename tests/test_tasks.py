@@ -60,6 +60,27 @@ def test_recall_at_k_on_a_hand_checked_matrix():
     assert tied["ir_r1"] == 0.0  # ties count against the model
 
 
+def test_recall_treats_copies_of_a_caption_as_one_text():
+    """Images 0 and 1 both have the caption "one object" (rows 0 and 2); image 0 also "a red circle", image 1 "a blue
+    square". A model that scores each text by what it sees gives copies equal scores: per caption the copy of image 1
+    ties with image 0's, and counting it as wrong sends TR to 0; as one text, both images are described by it."""
+    from vldistill.evaluate.metrics import same_text
+
+    ids = torch.tensor([[2, 7, 8, 0], [2, 5, 6, 9], [2, 7, 8, 0], [2, 4, 3, 9]])
+    mask = (ids != 0).long()
+    text_image = torch.tensor([0, 0, 1, 1])
+    groups = same_text(ids, mask)
+    assert groups[0] == groups[2] and len(set(groups.tolist())) == 3
+    scores = torch.tensor([[0.9, 0.9], [0.8, 0.1], [0.9, 0.9], [0.2, 0.7]])   # copies score alike
+    as_rows = recall_at_k(scores, text_image, ks=(1,))
+    assert as_rows["ir_r1"] == 0.5 and as_rows["tr_r1"] == 0.0  # each image's best caption ties with a "wrong" copy
+    as_texts = recall_at_k(scores, text_image, groups, ks=(1,))
+    assert as_texts["ir_r1"] == 1.0 and as_texts["tr_r1"] == 1.0
+    wrong = torch.tensor([[0.9, 0.9], [0.1, 0.8], [0.9, 0.9], [0.7, 0.2]])   # the distinct captions swapped
+    swapped = recall_at_k(wrong, text_image, groups, ks=(1,))
+    assert swapped["ir_r1"] == 0.5 and swapped["tr_r1"] == 1.0  # "one object" still describes both images
+
+
 def test_vqa_targets_and_score():
     import pandas as pd
 

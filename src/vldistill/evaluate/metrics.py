@@ -78,8 +78,9 @@ def gallery(split, captions_per_image: int | None = None) -> tuple[list[int], to
 
 @torch.no_grad()
 def retrieval_scores(model, split, captions_per_image: int | None = None, batch_size: int = 256,
-                     device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of every caption against every image of the split: ``(scores (N_text, N_image), text_image (N_text,))``.
+                     device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores of every caption against every image of the split: ``(scores (N_text, N_image), text_image (N_text,),
+    text_groups (N_text,))``, the last from :func:`same_text` (the arguments of :func:`recall_at_k`, in order).
 
     Dual encoder (has ``itc_logits``): each caption and image encoded once, the full similarity matrix. Fusion encoder
     (teacher or fusion student): ``rank_score`` of every (caption, image) pair, one joint pass each.
@@ -109,24 +110,42 @@ def retrieval_scores(model, split, captions_per_image: int | None = None, batch_
             chunks.append(out.view(n, len(keys)).float().cpu())
         scores = torch.cat(chunks)
     model.train(was_training)
-    return scores, text_image
+    return scores, text_image, same_text(ids.cpu(), mask.cpu())
 
 
-def recall_at_k(scores: torch.Tensor, text_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Image retrieval (IR: caption → its image) and text retrieval (TR: image → any of its captions) recall@K from
-    ``scores (N_text, N_image)``; ``r_mean`` is the mean of all of them. Ties count against the model."""
-    own = scores.gather(1, text_image[:, None])                      # (N_text, 1)
-    ir_rank = (scores >= own).sum(dim=1) - 1                         # images scored at least as high, other than own
-    column = scores.T                                                # (N_image, N_text)
-    tr_best = torch.full((scores.shape[1],), len(text_image), dtype=torch.long)
-    for t, img in enumerate(text_image.tolist()):
-        rank = int((column[img] >= column[img, t]).sum()) - 1        # other captions scored at least as high
-        tr_best[img] = min(int(tr_best[img]), rank)
+def same_text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` group id per caption: captions with the same tokens (``input_ids``, ``attention_mask`` ``(N, T)``)
+    share one. A model necessarily scores them alike, so :func:`recall_at_k` treats them as one text."""
+    tokens = input_ids.masked_fill(attention_mask == 0, -1)
+    return torch.unique(tokens, dim=0, return_inverse=True)[1]
+
+
+def recall_at_k(scores: torch.Tensor, text_image: torch.Tensor, text_groups: torch.Tensor | None = None,
+                ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Image retrieval (IR: caption → an image it describes) and text retrieval (TR: image → a caption that describes
+    it) recall@K from ``scores (N_text, N_image)``; ``r_mean`` is the mean of all of them.
+
+    A caption describes its own image ``text_image (N_text,)`` and, when ``text_groups (N_text,)`` is given, every
+    image that has a caption with the same text (generated data repeats generic captions — "there is one object" —
+    across images, and identical texts score identically, so counting the copies of its own caption that belong to
+    other images as wrong would put a perfect model's TR near chance). The rank of a query is the number of candidates
+    it is *not* described by (IR: images; TR: captions) that score at least as high as its best described one: ties
+    with a wrong candidate count against the model. Without ``text_groups`` this is the usual per-caption protocol.
+    """
+    n_text, n_image = scores.shape
+    groups = torch.arange(n_text) if text_groups is None else text_groups.cpu()
+    group_images = torch.zeros(int(groups.max()) + 1, n_image, dtype=torch.bool)
+    group_images[groups, text_image.cpu()] = True
+    describes = group_images[groups]                                           # (N_text, N_image)
+    right = scores.masked_fill(~describes, float("-inf"))
+    wrong = scores.masked_fill(describes, float("-inf"))
+    ir_rank = (wrong >= right.max(dim=1, keepdim=True).values).sum(dim=1)      # (N_text,)
+    tr_rank = (wrong >= right.max(dim=0, keepdim=True).values).sum(dim=0)      # (N_image,)
     result = {}
     for k in ks:
         result[f"ir_r{k}"] = float((ir_rank < k).float().mean())
     for k in ks:
-        result[f"tr_r{k}"] = float((tr_best < k).float().mean())
+        result[f"tr_r{k}"] = float((tr_rank < k).float().mean())
     result["r_mean"] = sum(result.values()) / len(result)
     return result
 

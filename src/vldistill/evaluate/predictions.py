@@ -35,7 +35,7 @@ def predictions(model, split, task: str, question_ids: list | None = None,
     """The task's prediction records (see the module docstring) for every example of ``split``; VQA needs the
     split's ``question_ids`` and the answer vocabulary ``answers``."""
     if task == "retrieval":
-        scores, _ = retrieval_scores(model, split)
+        scores = retrieval_scores(model, split)[0]
         rows, keys, _ = gallery(split)  # the columns of ``scores``: images in order of first appearance
         top = scores.topk(min(TOP_K_IMAGES, scores.shape[1]), dim=1).indices.tolist()
         return [{"caption": row, "images": [int(keys[i]) for i in best]} for row, best in zip(rows, top)]
