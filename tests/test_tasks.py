@@ -29,6 +29,17 @@ def teacher() -> ViltTeacher:
     return ViltTeacher(cfg, heads=("retrieval",)).eval()
 
 
+@pytest.fixture
+def spread_teacher(teacher) -> ViltTeacher:
+    """A copy of ``teacher`` whose rank head is scaled up: a random head scores every pair almost alike."""
+    import copy
+
+    spread = copy.deepcopy(teacher)
+    with torch.no_grad():
+        spread.rank_output.weight.mul_(300.0)
+    return spread
+
+
 def _retrieval_batch() -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 50, (B, T), generator=g)
@@ -144,16 +155,12 @@ def test_retrieval_distillation_terms_are_finite_and_only_train_the_student(teac
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
-def test_teacher_retrieval_loss_is_cross_entropy_over_candidates_in_both_directions(teacher):
+def test_teacher_retrieval_loss_is_cross_entropy_over_candidates_in_both_directions(spread_teacher):
     """Reference: every (caption, image) pair scored alone with ``rank_score``; the loss is the mean of the CE of each
     caption over [its image, its negatives' images] and of each image over [its caption, its negatives' captions]."""
-    import copy
-
     import torch.nn.functional as F
 
-    teacher = copy.deepcopy(teacher)
-    with torch.no_grad():
-        teacher.rank_output.weight.mul_(300.0)  # a random head scores every pair alike: spread the scores
+    teacher = spread_teacher
     batch = _retrieval_batch()
     torch.manual_seed(0)
     cands = tasks.candidates(batch, 2)
@@ -170,17 +177,13 @@ def test_teacher_retrieval_loss_is_cross_entropy_over_candidates_in_both_directi
     assert torch.equal(ir[:, 0], tr[:, 0]) and (ir[:, 1:] - tr[:, 1:]).abs().max() > 1e-3  # other pairs per image
 
 
-def test_dual_retrieval_soft_labels_compare_both_directions(teacher):
+def test_dual_retrieval_soft_labels_compare_both_directions(spread_teacher):
     """The dual student's ``soft`` term is the mean of the KL over candidate images per caption and over candidate
     captions per image, each against the teacher's rank scores of the same candidates."""
     from vldistill.distill import losses
     from vldistill.train.objectives import fusion_rank_outputs
 
-    import copy
-
-    teacher = copy.deepcopy(teacher)
-    with torch.no_grad():
-        teacher.rank_output.weight.mul_(300.0)
+    teacher = spread_teacher
     torch.manual_seed(0)
     student = DualEncoder.from_teacher(teacher, 24, task="retrieval", num_outputs=1).eval()
     batch = _retrieval_batch()
