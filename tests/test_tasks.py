@@ -62,6 +62,21 @@ def test_hard_negatives_never_pick_the_captions_own_image_and_prefer_shared_word
         tasks.hard_negatives(ids, torch.ones_like(ids), images, 5)
 
 
+def test_hard_negatives_skip_copies_of_the_captions_own_text_until_nothing_else_is_left():
+    """Caption 0's text is also caption 2's (another image): row 2 shares every word with it but describes image 0
+    as truly as image 1, so it is not a negative of row 0 (nor row 0 of row 2) while other rows remain."""
+    ids = torch.tensor([[1, 7, 8, 9], [1, 4, 5, 6], [1, 7, 8, 9], [1, 7, 8, 3], [1, 4, 5, 3]])
+    images = torch.tensor([0, 1, 2, 3, 4])
+    torch.manual_seed(0)
+    negatives = tasks.hard_negatives(ids, torch.ones_like(ids), images, 3)
+    assert 2 not in negatives[0].tolist() and 0 not in negatives[2].tolist()
+    assert negatives[0, 0] == 3  # the most shared words of the rows left
+    assert sorted(tasks.hard_negatives(ids, torch.ones_like(ids), images, 4)[0].tolist()) == [1, 2, 3, 4]
+    padded = torch.tensor([[1, 7, 0], [1, 7, 3], [1, 7, 5]])  # what padding positions hold does not make texts differ
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    assert tasks.hard_negatives(padded, mask, torch.tensor([0, 1, 2]), 1)[0].tolist() == [2]
+
+
 def test_recall_at_k_on_a_hand_checked_matrix():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.1], [0.5, 0.6, 0.4], [0.1, 0.2, 0.3]])
     result = recall_at_k(scores, torch.tensor([0, 1, 2, 2]), ks=(1, 2))

@@ -54,11 +54,16 @@ def soft_labels(student: torch.Tensor, teacher: torch.Tensor, batch: dict, tempe
 
 
 def hard_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
-    """For each caption, the ``k`` in-batch images (other than its own) whose captions share the most words with it.
+    """For each caption, the ``k`` in-batch rows (other than its own image's) whose captions share the most words with
+    it, never a copy of its own text written for another image while there are enough other rows.
 
-    Bags of words ``(B, V)`` of the real tokens; overlap ``(B, B)`` = their dot products; same-image pairs excluded;
-    ties broken at random. The pairs a caption is most easily confused with are the ones ITM learns most from (as
-    ViLT's IRTR draws its false pairs for). input_ids, attention_mask ``(B, T)``, images ``(B,)`` → ``(B, k)``.
+    Bags of words ``(B, V)`` of the real tokens; overlap ``(B, B)`` = their dot products; ties broken at random. The
+    pairs a caption is most easily confused with are the ones ITM learns most from (as ViLT's IRTR draws its false
+    pairs for). Excluded: same-image rows (its positives), and rows whose caption has exactly its tokens — the
+    generated captions repeat generic texts across images, and such a row's image is described by this caption as
+    truly as its own (a "negative" with the target of a positive). Those copies are picked, after every other row,
+    only in a batch with fewer than ``k`` other texts. input_ids, attention_mask ``(B, T)``, images ``(B,)`` →
+    ``(B, k)``.
     """
     if k >= len(images):
         raise ValueError(f"train.retrieval_negatives={k}: must be smaller than the batch size {len(images)}")
@@ -66,6 +71,9 @@ def hard_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, images
     bags = torch.zeros(len(images), vocab, device=input_ids.device)
     bags.scatter_add_(1, input_ids, attention_mask.float())
     overlap = bags @ bags.T + torch.rand(len(images), len(images), device=input_ids.device)
+    tokens = input_ids.masked_fill(attention_mask == 0, -1)
+    same_text = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)
+    overlap = overlap.masked_fill(same_text, -1e9)  # below every other row (overlaps are small counts)
     overlap = overlap.masked_fill(images[:, None] == images[None, :], float("-inf"))
     return overlap.topk(k, dim=1).indices
 
