@@ -350,3 +350,29 @@ def test_ddp_killed_mid_epoch_then_rerun_ends_as_the_uninterrupted_ddp_run(finet
     repo, env, _ = finetune_repo
     _kill_at_first_checkpoint([*FINETUNE, *DDP], repo, env)
     _assert_same_run(_rerun_resumes_mid_epoch([*FINETUNE, *DDP], repo, env), ddp_run[0])
+
+
+NCE = ["stages/distill_finetune.py", "--task", "nlvr2", "--variant", "fusion_token_nce",
+       "-S", "train.distill_finetune.batch_size=4", "-S", "train.distill_finetune.effective_batch=8",
+       "-S", "train.distill_finetune_tasks.nlvr2.epochs=1", "-S", "distill.nce.queue_size=1024"]
+"""The fusion student with ``token_nce`` on the tiny nlvr2 teacher: 16 optimizer steps of 8 pairs, each adding ~400
+teacher token states (two image passes) to a queue of 1,024, which is full from the third step on."""
+
+
+@pytest.mark.slow
+def test_token_nce_under_two_ddp_processes_takes_the_steps_of_one_process(finetune_repo):
+    """``token_nce``'s FIFO queue of teacher token states takes each optimizer step's keys from every process in
+    rank order (:func:`vldistill.train.loop.gather_rows`), so two gloo processes (batch 4 each) train the weights one
+    process with accumulation 2 does; same bound and reason as the teacher's test above. (A queue of rank 0's keys
+    only, as DDP's buffer broadcast alone would keep, gives every step different negatives.)"""
+    repo, env, _ = finetune_repo
+    model = repo / "models/distill_finetune/nlvr2/fusion_token_nce/model.safetensors"
+    weights = []
+    for processes in ([], DDP):
+        shutil.rmtree(repo / "checkpoints", ignore_errors=True)
+        _run([*NCE, *processes], repo, env)
+        weights.append(load_file(model))
+    one, two = weights
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)

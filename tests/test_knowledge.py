@@ -82,6 +82,39 @@ def test_token_nce_is_minimal_at_teacher_and_queue_is_fifo():
     assert {tuple(r.tolist()) for r in fresh.queue} == {tuple(rows[i].tolist()) for i in (2, 3, 4)}
 
 
+def test_token_nce_queue_takes_a_steps_keys_at_step_end_from_every_process_in_rank_order():
+    """The queue changes only at ``step_end``: both forwards of a step (two micro-batches, or NLVR2's two image
+    passes) see the same past keys. Two processes, each with half of the step's examples and a gather that joins
+    their keys in rank order (as :func:`vldistill.train.loop.gather_rows` does), end the step with the queue of one
+    process that saw all of them, and with the same losses."""
+    torch.manual_seed(0)
+    one = TokenNCE(8, 8, queue_size=50, temperature=0.1)
+    ranks = [TokenNCE(8, 8, queue_size=50, temperature=0.1) for _ in range(2)]
+    for nce in ranks:
+        nce.load_state_dict(one.state_dict())
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[1, 2] = False  # processes hold different numbers of valid tokens
+    for step in range(3):
+        student, teacher = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+        queue_before = one.queue.clone()
+        whole = [one(student[:2], teacher[:2], mask[:2]), one(student[2:], teacher[2:], mask[2:])]  # accumulation 2
+        assert torch.equal(one.queue, queue_before), "no enqueue before step_end"
+        halves = [nce(student[2 * r:2 * r + 2], teacher[2 * r:2 * r + 2], mask[2 * r:2 * r + 2])
+                  for r, nce in enumerate(ranks)]
+        torch.testing.assert_close(torch.stack(halves), torch.stack(whole))
+        pending = [torch.cat(nce.pending) for nce in ranks]
+        for nce in ranks:
+            nce.step_end(lambda rows: torch.cat(pending))
+        one.step_end()
+        assert int(one.queue_len) == min(50, 11 * (step + 1)) and not one.pending
+        for nce in ranks:
+            assert torch.equal(nce.queue, one.queue) and torch.equal(nce.queue_ptr, one.queue_ptr)
+    one.eval()
+    one(student, teacher, mask)
+    one.step_end()
+    assert int(one.queue_len) == 33, "evaluation forwards hold nothing back"
+
+
 def test_layer_pairs():
     assert layer_pairs(4, 4, "last") == [(3, 3)]
     assert layer_pairs(4, 4, "layerwise") == [(0, 0), (1, 1), (2, 2), (3, 3)]

@@ -100,7 +100,13 @@ class TokenNCE(torch.nn.Module):
 
     For each valid token n: ``−log exp(s_n·t_n/τ) / (exp(s_n·t_n/τ) + Σ_q exp(s_n·u_q/τ))`` with
     ``s_n = norm(W h_s[n])``, ``t_n = norm(h_t[n])`` and ``u_q`` the L2-normalised teacher token states of past batches
-    held in a FIFO queue of ``queue_size`` rows (the current batch is enqueued after the loss is computed).
+    held in a FIFO queue of ``queue_size`` rows.
+
+    The queue changes once per optimizer step: the teacher keys of every training forward since the last step are
+    held back and enqueued by :meth:`step_end`, which the training loop calls after each optimizer step with a
+    function that gathers them from every process in rank order. So every micro-batch of a step (and every image
+    pass of an NLVR2 example) sees only past steps' keys, and W processes hold the queue one process with the same
+    effective batch holds.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, queue_size: int, temperature: float):
@@ -110,6 +116,7 @@ class TokenNCE(torch.nn.Module):
         self.register_buffer("queue", torch.zeros(queue_size, teacher_dim))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
+        self.pending: list[torch.Tensor] = []  # keys of this optimizer step's forwards, not yet enqueued
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -127,9 +134,19 @@ class TokenNCE(torch.nn.Module):
         s = F.normalize(self.projection(student[mask]), dim=-1)  # (M, D_t)
         t = F.normalize(teacher[mask].detach(), dim=-1)
         positive = (s * t).sum(dim=-1, keepdim=True)  # (M, 1)
-        negatives = s @ self.queue[: int(self.queue_len)].clone().T  # (M, Q); a copy: the queue changes below
+        negatives = s @ self.queue[: int(self.queue_len)].clone().T  # (M, Q); a copy: step_end changes the queue
         logits = torch.cat([positive, negatives], dim=1) / self.temperature
         loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
         if self.training:
-            self.enqueue(t)
+            self.pending.append(t.detach())
         return loss
+
+    @torch.no_grad()
+    def step_end(self, gather=None) -> None:
+        """Enqueue the keys held back since the last optimizer step, in forward order; ``gather(keys (N, D_t))`` →
+        ``(N_all, D_t)`` joins every process's keys in rank order (``None``: one process)."""
+        if not self.pending:
+            return
+        keys = torch.cat(self.pending)
+        self.pending = []
+        self.enqueue(keys if gather is None else gather(keys))

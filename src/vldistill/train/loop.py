@@ -168,6 +168,7 @@ def fit(
                     continue
                 _clip_gradients(fabric, model, optimizer, budget.grad_clip, state["step"] + 1, ckpt_path, saved_step)
                 optimizer.step()
+                _step_end(fabric, model)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state["step"] += 1
@@ -211,6 +212,26 @@ def fit(
     result = FitResult(best_state=best_state, best_epoch=state["best"]["epoch"], best_dev=state["best"]["dev"],
                        history=state["history"], steps=state["step"])
     return result
+
+
+def _step_end(fabric: Fabric, model: torch.nn.Module) -> None:
+    """Call ``step_end(gather)`` on every submodule that has one (e.g. :class:`~vldistill.distill.losses.TokenNCE`,
+    whose queue takes the step's keys): state that changes once per optimizer step, from every process's rows."""
+    gather = None if fabric.world_size == 1 else (lambda rows: gather_rows(fabric, rows))
+    for module in _unwrap(model).modules():
+        hook = getattr(module, "step_end", None)
+        if callable(hook):
+            hook(gather)
+
+
+def gather_rows(fabric: Fabric, rows: torch.Tensor) -> torch.Tensor:
+    """``rows (N_r, ...)`` of each process → ``(Σ N_r, ...)`` on every process, rank 0's first (processes may hold
+    different numbers of rows: each is padded to the largest for the collective)."""
+    counts = fabric.all_gather(torch.tensor([len(rows)], device=rows.device)).reshape(-1).tolist()
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    gathered = fabric.all_gather(padded)  # (W, max N_r, ...)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
 
 def _empty_window() -> dict:
