@@ -126,6 +126,7 @@ def fit(
     optimizer = adamw(model, budget, head_prefixes)
     scheduler = warmup_linear(optimizer, total_steps, budget.warmup_ratio)
     model, optimizer = fabric.setup(model, optimizer)
+    step_end = _step_end_hooks(fabric, model)
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "step": 0, "batch": 0,
              "best": {"epoch": -1, "value": -math.inf, "dev": {}}, "history": [], "ranks": [],
@@ -168,7 +169,7 @@ def fit(
                     continue
                 _clip_gradients(fabric, model, optimizer, budget.grad_clip, state["step"] + 1, ckpt_path, saved_step)
                 optimizer.step()
-                _step_end(fabric, model)
+                step_end()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state["step"] += 1
@@ -214,14 +215,18 @@ def fit(
     return result
 
 
-def _step_end(fabric: Fabric, model: torch.nn.Module) -> None:
-    """Call ``step_end(gather)`` on every submodule that has one (e.g. :class:`~vldistill.distill.losses.TokenNCE`,
-    whose queue takes the step's keys): state that changes once per optimizer step, from every process's rows."""
+def _step_end_hooks(fabric: Fabric, model: torch.nn.Module) -> Callable[[], None]:
+    """A function that calls ``step_end(gather)`` on every submodule that has one (e.g.
+    :class:`~vldistill.distill.losses.TokenNCE`, whose queue takes the step's keys) after each optimizer step: state
+    that changes once per step, from every process's rows."""
+    hooks = [module.step_end for module in _unwrap(model).modules() if callable(getattr(module, "step_end", None))]
     gather = None if fabric.world_size == 1 else (lambda rows: gather_rows(fabric, rows))
-    for module in _unwrap(model).modules():
-        hook = getattr(module, "step_end", None)
-        if callable(hook):
+
+    def step_end() -> None:
+        for hook in hooks:
             hook(gather)
+
+    return step_end
 
 
 def gather_rows(fabric: Fabric, rows: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from vldistill.data.prepared import read_answers
 from vldistill.distill import losses
+from vldistill.evaluate.metrics import same_text
 
 METRIC = {"nlvr2": "accuracy", "snli_ve": "accuracy", "vqa": "vqa_score", "retrieval": "r_mean"}
 """The dev metric each task's checkpoints are chosen by (retrieval: mean of IR/TR R@1, 5, 10)."""
@@ -71,9 +72,8 @@ def hard_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, images
     bags = torch.zeros(len(images), vocab, device=input_ids.device)
     bags.scatter_add_(1, input_ids, attention_mask.float())
     overlap = bags @ bags.T + torch.rand(len(images), len(images), device=input_ids.device)
-    tokens = input_ids.masked_fill(attention_mask == 0, -1)
-    same_text = (tokens[:, None, :] == tokens[None, :, :]).all(dim=2)
-    overlap = overlap.masked_fill(same_text, -1e9)  # below every other row (overlaps are small counts)
+    texts = same_text(input_ids, attention_mask)
+    overlap = overlap.masked_fill(texts[:, None] == texts[None, :], -1e9)  # below every other row (small counts)
     overlap = overlap.masked_fill(images[:, None] == images[None, :], float("-inf"))
     return overlap.topk(k, dim=1).indices
 
