@@ -656,8 +656,13 @@ def test_two_queued_experiments_run_at_once_with_their_own_metrics_and_one_mlflo
         _sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.teacher_finetune.batch_size={batch}",
              "teacher_finetune@nlvr2"], repo, env)
     try:
-        _sh(["dvc", "queue", "start", "-j", "2"], repo, env)
-        deadline = time.monotonic() + 420
+        # Not _sh: the workers (forked by dvc-task, fds 1 and 2 inherited) hold a captured stdout pipe open until
+        # they exit, so capturing it would wait for both experiments to finish, not for `dvc queue start`.
+        with open(repo.parent / "queue-start.log", "w") as log:
+            started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, timeout=120)
+        assert started.returncode == 0, (repo.parent / "queue-start.log").read_text()[-3000:]
+        deadline = time.monotonic() + 540
         while time.monotonic() < deadline:
             status = _sh(["dvc", "queue", "status"], repo, env).stdout
             done = {name for name in batches for line in status.splitlines()

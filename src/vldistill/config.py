@@ -792,6 +792,15 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: {key}={_shown(value)}: {message}"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: ``1e-4`` (no dot) is the number 0.0001, not the string
+    that YAML 1.1 makes of it. DVC's own parser (``dvc exp run -S``) already reads it that way."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def _apply_override(raw: dict, override: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``raw``."""
     if "=" not in override:
@@ -803,7 +812,7 @@ def _apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = yaml.load(text, Loader=_Loader)
 
 
 def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -812,7 +821,7 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
