@@ -20,18 +20,19 @@ def test_committed_params_are_valid():
     assert params.variant("dide").knowledge == list(params.distill.knowledge)
 
 
-
 def test_exponents_without_a_dot_are_numbers(tmp_path):
     """``lr: 1e-4`` in the file and ``-S ...lr=1e-3`` on the command line are floats (YAML 1.1 would give strings,
     which the schema rejects), as DVC's own ``-S`` parser reads them; ``1.0e-4`` and plain ints are unchanged."""
     text = (ROOT / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-4", 1)
     assert "lr: 1e-4" in text
     (tmp_path / "params.yaml").write_text(text)
-    params = load(tmp_path / "params.yaml", ["train.distill_finetune.lr=5E-4", "seed=7", "train.teacher_finetune.lr=+2e-3"])
+    params = load(tmp_path / "params.yaml",
+                  ["train.distill_finetune.lr=5E-4", "seed=7", "train.teacher_finetune.lr=+2e-3"])
     assert params.train.teacher_pretrain.lr == pytest.approx(1e-4)
     assert params.train.distill_finetune.lr == pytest.approx(5e-4)
     assert params.train.teacher_finetune.lr == pytest.approx(2e-3)
     assert params.seed == 7 and isinstance(params.seed, int)
+
 
 @pytest.mark.parametrize("override, expected", [
     ("distill.layers=lasst", ["distill.layers", "lasst", "'last' or 'layerwise'"]),
