@@ -4,6 +4,7 @@ reports/data/<task>_examples.png (examples drawn with their text and label)."""
 from vldistill import paths
 from vldistill.cli import stage_args
 from vldistill.config import flatten
+from vldistill.data.download import missing_source
 from vldistill.data.official import DataError
 from vldistill.data.prepared import prepare
 from vldistill.data.show import draw_examples
@@ -11,7 +12,8 @@ from vldistill.train.tracking import Tracker
 
 
 def main() -> None:
-    args, params = stage_args(__doc__, task=True, any_data_task=True)
+    args, params = stage_args(__doc__, task=True, any_data_task=True,
+                              check=lambda args, params: missing_source(args.task, getattr(params.data, args.task)))
     data_cfg = getattr(params.data, args.task)
     with Tracker("prepare", flatten({"seed": params.seed, f"data.{args.task}": data_cfg, "data.scene": params.data.scene}),
                  task=args.task) as tracker:

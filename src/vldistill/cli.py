@@ -8,7 +8,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vldistill.config import FabricParams, Params, load_or_exit
 
@@ -18,12 +18,14 @@ FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "di
 
 
 def stage_args(description: str, task: bool = False, variant: bool = False, any_data_task: bool = False,
-               seed: bool = False) -> tuple[argparse.Namespace, Params]:
+               seed: bool = False, check: Callable[[argparse.Namespace, Params], str | None] | None = None,
+               ) -> tuple[argparse.Namespace, Params]:
     """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` / ``--seed`` and ``-S key=value``
     overrides;
     validate the params before any work starts (exit status 2 with one line on error). Then, before any work too:
-    prepare checks that an official source's directories exist (or can be downloaded), and a training stage checks
-    that this machine has the accelerator, devices and precision ``fabric.*`` asks for."""
+    ``check(args, params)``, the stage's own check (prepare: that an official source's directories exist or can be
+    downloaded), whose non-None answer is the error line, and for a training stage that this machine has the
+    accelerator, devices and precision ``fabric.*`` asks for."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -40,15 +42,13 @@ def stage_args(description: str, task: bool = False, variant: bool = False, any_
         allowed = [name for name in type(params.data).model_fields if name != "scene" and getattr(params.data, name)]
         if args.task not in allowed:
             parser.exit(2, f"error: --task {args.task!r}: no data.{args.task} section (have: {allowed})\n")
-        from vldistill.data.download import missing_source
-
-        problem = missing_source(args.task, getattr(params.data, args.task))
-        if problem:
-            parser.exit(2, f"error: {problem}\n")
     elif task and args.task not in ("pretrain", *params.tasks):
         parser.exit(2, f"error: --task {args.task!r}: not an enabled task (tasks: {list(params.tasks)})\n")
     if variant and args.variant not in params.variants:
         parser.exit(2, f"error: --variant {args.variant!r}: not in variants (defined: {sorted(params.variants)})\n")
+    problem = check(args, params) if check is not None else None
+    if problem:
+        parser.exit(2, f"error: {problem}\n")
     if Path(sys.argv[0]).stem in FABRIC_STAGES:
         problem = machine_error(params.fabric)
         if problem:
