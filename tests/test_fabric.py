@@ -1,6 +1,6 @@
 """The one Fabric loop: batch order and sharding (EpochBatches), resume by step, and, end to end on a training stage
-(teacher_finetune@nlvr2, tiny): two DDP processes against one process with accumulation, and a SIGKILL mid-epoch
-followed by a rerun, with one process and with two."""
+(teacher_finetune@nlvr2, tiny): two DDP processes against one process with accumulation, a SIGKILL mid-epoch
+followed by a rerun, with one process and with two, and the same stage command under torchrun and srun-style tasks."""
 
 from __future__ import annotations
 
@@ -376,3 +376,67 @@ def test_token_nce_under_two_ddp_processes_takes_the_steps_of_one_process(finetu
     assert one.keys() == two.keys()
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------ launchers (README, "More than one GPU")
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _without_launcher_env(env: dict) -> dict:
+    """``env`` without the variables by which Fabric recognises a launcher (torchrun's, SLURM's)."""
+    return {k: v for k, v in env.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "GROUP_", "ROLE_"))
+            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+             "fabric run": [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator=cpu", "--devices=2",
+                            "--strategy=ddp"]}
+"""Each launcher's command before the stage's (``fabric run`` is a console script, not a module of the venv's python;
+its flags must equal ``fabric.*``). torchrun and Fabric's own spawning give each of two processes one thread here;
+``fabric run`` sets ``OMP_NUM_THREADS`` to all the cores unless it is set, and a thread count changes float32
+summation order, so the test sets it to 1 for every launcher."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_launcher_starts_the_processes_and_the_stage_joins_them(finetune_repo, ddp_run, launcher):
+    """``torchrun --nproc_per_node=2`` / ``fabric run --devices=2`` around the unchanged stage command: Fabric joins
+    the two processes the launcher started (TorchElasticEnvironment) instead of spawning its own, and the run is the
+    Fabric-spawned DDP run bit for bit (same two gloo processes, same shards)."""
+    repo, env, _ = finetune_repo
+    shutil.rmtree(repo / "checkpoints", ignore_errors=True)
+    command = LAUNCHERS[launcher]
+    args = [*command, *FINETUNE, *DDP] if command[0] == "-m" else [*command[1:], *FINETUNE, *DDP]
+    program = sys.executable if command[0] == "-m" else command[0]
+    out = subprocess.run([program, *args], cwd=repo, env={**_without_launcher_env(env), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "MEMBER: 2/2" in out.stdout + out.stderr
+    _assert_same_run(_outputs(repo), ddp_run[0])
+
+
+@pytest.mark.slow
+def test_srun_style_tasks_are_joined_by_the_unchanged_stage(finetune_repo, ddp_run):
+    """Two processes started the way ``srun --ntasks-per-node=2`` starts them (one per task, told their rank by
+    ``SLURM_*`` variables, nothing else): Fabric's SLURMEnvironment joins them into the Fabric-spawned DDP run, bit
+    for bit. (Only the environment is simulated; no SLURM is installed here.)"""
+    repo, env, _ = finetune_repo
+    shutil.rmtree(repo / "checkpoints", ignore_errors=True)
+    slurm = {**_without_launcher_env(env), "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
+             "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vldistill", "SLURM_NODELIST": "localhost",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    logs = [repo / f"srun-task{rank}.log" for rank in (0, 1)]
+    tasks = [subprocess.Popen([sys.executable, *FINETUNE, *DDP], cwd=repo, stdout=open(log, "w"),
+                              stderr=subprocess.STDOUT, env={**slurm, "SLURM_PROCID": str(rank),
+                                                             "SLURM_LOCALID": str(rank)})
+             for rank, log in enumerate(logs)]
+    codes = [task.wait(timeout=300) for task in tasks]
+    assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
+    for rank, log in enumerate(logs):
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in log.read_text()
+    _assert_same_run(_outputs(repo), ddp_run[0])
