@@ -396,8 +396,8 @@ def _without_launcher_env(env: dict) -> dict:
 LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
              "fabric run": [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator=cpu", "--devices=2",
                             "--strategy=ddp"]}
-"""Each launcher's command before the stage's (``fabric run`` is a console script, not a module of the venv's python;
-its flags must equal ``fabric.*``). torchrun and Fabric's own spawning give each of two processes one thread here;
+"""The venv python's arguments that launch the stage command after them (``fabric run`` is the venv's console
+script, a python file; its flags must equal ``fabric.*``). torchrun and Fabric's own spawning give each of two processes one thread here;
 ``fabric run`` sets ``OMP_NUM_THREADS`` to all the cores unless it is set, and a thread count changes float32
 summation order, so the test sets it to 1 for every launcher."""
 
@@ -410,12 +410,7 @@ def test_a_launcher_starts_the_processes_and_the_stage_joins_them(finetune_repo,
     Fabric-spawned DDP run bit for bit (same two gloo processes, same shards)."""
     repo, env, _ = finetune_repo
     shutil.rmtree(repo / "checkpoints", ignore_errors=True)
-    command = LAUNCHERS[launcher]
-    args = [*command, *FINETUNE, *DDP] if command[0] == "-m" else [*command[1:], *FINETUNE, *DDP]
-    program = sys.executable if command[0] == "-m" else command[0]
-    out = subprocess.run([program, *args], cwd=repo, env={**_without_launcher_env(env), "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = _run([*LAUNCHERS[launcher], *FINETUNE, *DDP], repo, {**_without_launcher_env(env), "OMP_NUM_THREADS": "1"})
     assert "MEMBER: 2/2" in out.stdout + out.stderr
     _assert_same_run(_outputs(repo), ddp_run[0])
 
