@@ -4,6 +4,7 @@ followed by a rerun, with one process and with two, and the same stage command u
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -397,9 +398,9 @@ LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--npro
              "fabric run": [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator=cpu", "--devices=2",
                             "--strategy=ddp"]}
 """The venv python's arguments that launch the stage command after them (``fabric run`` is the venv's console
-script, a python file; its flags must equal ``fabric.*``). torchrun and Fabric's own spawning give each of two processes one thread here;
-``fabric run`` sets ``OMP_NUM_THREADS`` to all the cores unless it is set, and a thread count changes float32
-summation order, so the test sets it to 1 for every launcher."""
+script, a python file; its flags must equal ``fabric.*``). torchrun and Fabric's own spawning give each of two
+processes one thread here; ``fabric run`` sets ``OMP_NUM_THREADS`` to all the cores unless it is set, and a thread
+count changes float32 summation order, so the test sets it to 1 for every launcher."""
 
 
 @pytest.mark.slow
@@ -426,11 +427,12 @@ def test_srun_style_tasks_are_joined_by_the_unchanged_stage(finetune_repo, ddp_r
              "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vldistill", "SLURM_NODELIST": "localhost",
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     logs = [repo / f"srun-task{rank}.log" for rank in (0, 1)]
-    tasks = [subprocess.Popen([sys.executable, *FINETUNE, *DDP], cwd=repo, stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT, env={**slurm, "SLURM_PROCID": str(rank),
-                                                             "SLURM_LOCALID": str(rank)})
-             for rank, log in enumerate(logs)]
-    codes = [task.wait(timeout=300) for task in tasks]
+    with contextlib.ExitStack() as files:
+        tasks = [subprocess.Popen([sys.executable, *FINETUNE, *DDP], cwd=repo,
+                                  stdout=files.enter_context(open(log, "w")), stderr=subprocess.STDOUT,
+                                  env={**slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
+                 for rank, log in enumerate(logs)]
+        codes = [task.wait(timeout=300) for task in tasks]
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     for rank, log in enumerate(logs):
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in log.read_text()
