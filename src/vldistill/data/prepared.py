@@ -184,7 +184,8 @@ def decode_store(builder: ImageStoreBuilder, store_file: Path, workers: int, max
     """
     from vldistill.data.official import bad_image_message
 
-    store = np.lib.format.open_memmap(store_file, mode="w+", dtype=np.uint8, shape=(len(builder.paths), *builder.size, 3))
+    shape = (len(builder.paths), *builder.size, 3)
+    store = np.lib.format.open_memmap(store_file, mode="w+", dtype=np.uint8, shape=shape)
     del store  # a sparse file of the final size: the chunks fill it in place
     bad = []
     with closing(_decoded_chunks(builder, store_file, workers)) as unreadable:
@@ -195,8 +196,8 @@ def decode_store(builder: ImageStoreBuilder, store_file: Path, workers: int, max
             bad.append({"key": key, "path": str(path), "reason": reason, "referenced_by": ref})
             if len(bad) > max_bad:
                 first = bad[0]
-                raise DataError(f"{len(bad)} of {len(builder.paths)} images unreadable so far, more than "
-                                f"{knob}.max_bad_fraction allows with {knob}.skip_bad_images=true ({max_bad}); first: "
+                raise DataError(f"{knob}.max_bad_fraction: {len(bad)} of {len(builder.paths)} images unreadable so "
+                                f"far, more than the {max_bad} it lets {knob}.skip_bad_images drop; first: "
                                 + bad_image_message(Path(first["path"]), first["reason"], first["referenced_by"]))
     if bad:
         _compact(store_file, dense_keys(len(builder.paths), [b["key"] for b in bad]) >= 0)
