@@ -155,6 +155,34 @@ def test_skip_bad_images_stops_above_the_fraction(tmp_path, one_bad):
     assert not (tmp_path / "out/nlvr2").exists() and not (tmp_path / "stats.json").exists()
 
 
+
+def test_skip_bad_images_drops_every_caption_of_an_image(tmp_path):
+    """Karpathy-style retrieval: the five captions of the one unreadable image go, the other images' stay."""
+    from test_official import karpathy_fixture
+
+    root = karpathy_fixture(tmp_path / "flickr30k", "flickr30k")
+    large_fixture.truncate(root / "flickr30k_images/1.jpg")  # the restval image: joins train
+    cfg = RetrievalData(source="official", root=str(root), image_size=SIZE, skip_bad_images=True,
+                        max_bad_fraction=0.25)
+    stats = prepare("retrieval", cfg, SceneParams(), 0, tmp_path / "out", tmp_path / "stats.json")
+    train = read_split(tmp_path / "out", "retrieval", "train")
+    assert stats["dropped_examples"] == {"train": 5, "dev": 0, "test": 0}
+    assert list(train["text"]) == [f"caption 0.{k}" for k in range(5)] and set(train["image"]) == {0}
+    assert sorted(read_split(tmp_path / "out", "retrieval", "test")["image"].unique()) == [2]  # 3 images left
+
+
+def test_bad_image_knobs_are_checked(tmp_path):
+    from vldistill.config import ConfigError, load
+
+    from conftest import ROOT
+
+    for override, knob in (("data.nlvr2.max_bad_fraction=1.5", "data.nlvr2.max_bad_fraction"),
+                           ("data.vqa.decode_workers=-1", "data.vqa.decode_workers"),
+                           ("data.snli_ve.skip_bad_images=maybe", "data.snli_ve.skip_bad_images")):
+        with pytest.raises(ConfigError) as info:
+            load(ROOT / "params.yaml", [override])
+        assert knob in str(info.value) and "\n" not in str(info.value), str(info.value)
+
 # ------------------------------------------------------------------------------------------------- memory
 def _anonymous(pid: int) -> int:
     """Resident anonymous memory of a process in bytes (``RssAnon``: heap, stacks, private copies; not the page-cache
