@@ -69,12 +69,20 @@ class SplitSizes(Strict):
 class OfficialSource(Strict):
     """Where an official release lives: ``root`` laid out as the release unpacks; when ``root`` is missing and
     ``url`` is set, prepare downloads it (resumable, checked against ``sha256``). Images are fitted into
-    ``image_size = [H, W]`` (aspect kept, padded) once, at prepare time."""
+    ``image_size = [H, W]`` (aspect kept, padded) once, at prepare time, by ``decode_workers`` processes; an
+    unreadable image stops prepare naming the file, unless ``skip_bad_images`` (then at most ``max_bad_fraction``
+    of the images may be left out, with the examples that refer to them)."""
 
     root: str | None = None
     url: str | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     image_size: list[int] = [384, 640]
+    decode_workers: int | None = Field(None, ge=0, description="official: processes decoding the images into the "
+                                       "store (null: every usable core; 0 or 1: the prepare process); same bytes")
+    skip_bad_images: bool = Field(False, description="official: drop the examples of unreadable images (listed in "
+                                  "metrics/data/<task>.json) instead of stopping at the first one")
+    max_bad_fraction: float = Field(0.001, ge=0, le=1, description="official, with skip_bad_images: more unreadable "
+                                    "images than this fraction of the store still stop prepare")
 
     @model_validator(mode="after")
     def _official_needs_root(self):

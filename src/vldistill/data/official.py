@@ -8,7 +8,9 @@
 | retrieval | ``dataset_flickr30k.json`` (Karpathy), ``flickr30k_images/<filename>`` |
 | pretrain | ``dataset_coco.json`` (Karpathy), ``train2014/``, ``val2014/`` |
 
-Every reader returns ``({split: DataFrame}, ImageLoader)``; images are decoded and resized once by the caller.
+Every reader returns ``{split: DataFrame}`` and registers the image paths it refers to with an
+:class:`ImageStoreBuilder`, which then decodes and resizes each once, in a pool of processes, straight into the
+image store on disk.
 Errors name the file (and line) and what was wrong.
 """
 
@@ -89,23 +91,19 @@ def json_file(path: Path, key: str | None = None, kind: type = list):
     return data[key]
 
 
-def load_image(path: Path, size: tuple[int, int], ref: str | None = None) -> np.ndarray:
-    """Decode an image and fit it into ``size = (H, W)``, aspect kept, padded with black: ``(H, W, 3)`` uint8.
-
-    A missing or undecodable (e.g. truncated) file raises :class:`DataError` naming it (and ``ref``, the record that
-    refers to it).
-    """
+def _decode(path: Path, size: tuple[int, int]) -> np.ndarray | str:
+    """``path`` fitted into ``size = (H, W)``, aspect kept, padded with black: ``(H, W, 3)`` uint8; or, for a
+    missing or undecodable (e.g. truncated) file, the reason as one line (so a worker process can report it)."""
     from PIL import Image, UnidentifiedImageError
 
-    referenced = f" (referenced by {ref})" if ref else ""
     if not path.is_file():
-        raise DataError(f"{path}: image not found{referenced}")
+        return "image not found"
     try:
         with Image.open(path) as im:
             im.load()
             im = im.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image ({err}); expected a complete image file{referenced}") from None
+        return f"cannot decode image ({err}); expected a complete image file"
     height, width = size
     scale = min(height / im.height, width / im.width)
     new = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
@@ -114,19 +112,54 @@ def load_image(path: Path, size: tuple[int, int], ref: str | None = None) -> np.
     return canvas
 
 
+def bad_image_message(path: Path, reason: str, ref: str | None) -> str:
+    """The one-line error for an unreadable image: the file, why, and the record that refers to it."""
+    return f"{path}: {reason}" + (f" (referenced by {ref})" if ref else "")
+
+
+def load_image(path: Path, size: tuple[int, int], ref: str | None = None) -> np.ndarray:
+    """Decode an image and fit it into ``size = (H, W)``, aspect kept, padded with black: ``(H, W, 3)`` uint8.
+
+    A missing or undecodable (e.g. truncated) file raises :class:`DataError` naming it (and ``ref``, the record that
+    refers to it).
+    """
+    image = _decode(path, size)
+    if isinstance(image, str):
+        raise DataError(bad_image_message(path, image, ref))
+    return image
+
+
+def decode_chunk(store_file: Path, size: tuple[int, int], start: int, paths: list[Path]) -> list[tuple[int, str]]:
+    """Decode ``paths`` into rows ``start, start + 1, ...`` of the memory-mapped store (in a worker process or in
+    this one); returns ``(row, reason)`` for each image that could not be read (its row stays black)."""
+    store = np.load(store_file, mmap_mode="r+")
+    bad = []
+    for row, path in enumerate(paths, start):
+        image = _decode(path, size)
+        if isinstance(image, str):
+            bad.append((row, image))
+        else:
+            store[row] = image
+    del store  # unmapped; the pages are the file's, in the page cache, written back by the kernel
+    return bad
+
+
 class ImageStoreBuilder:
-    """Collects images by path (each decoded once) and hands out integer keys into the store."""
+    """Collects images by path and hands out integer keys into the store (one per path, in order of first use);
+    :func:`vldistill.data.prepared.decode_store` then decodes them all into the store file."""
 
     def __init__(self, size: tuple[int, int]):
         self.size = size
         self.keys: dict[Path, int] = {}
-        self.images: list[np.ndarray] = []
+        self.paths: list[Path] = []
+        self.refs: list[str | None] = []
 
     def key(self, path: Path, ref: str | None = None) -> int:
-        """The store index of ``path`` (decoded on first use); ``ref`` names the record that refers to it."""
+        """The store index of ``path``; ``ref`` names the (first) record that refers to it."""
         if path not in self.keys:
-            self.images.append(load_image(path, self.size, ref))
-            self.keys[path] = len(self.images) - 1
+            self.keys[path] = len(self.paths)
+            self.paths.append(path)
+            self.refs.append(ref)
         return self.keys[path]
 
 
