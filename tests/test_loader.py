@@ -133,3 +133,19 @@ def test_a_batch_of_vqa_questions_carries_dense_targets():
                          torch.zeros(2, 4, 4, 3, dtype=torch.uint8), "unit", ["q0", "q1", "q2"])
     batch = next(iter(split.loader(2, False, 0)))
     assert torch.equal(batch["targets"], torch.tensor([[1.0, 0.0], [0.6, 0.3]]))
+
+
+def test_loader_benchmark_prints_a_rate_per_workers_and_augmentation(capsys):
+    from conftest import ROOT
+    from vldistill.bench.loader import main
+
+    main(["--height", "24", "--width", "40", "--images", "24", "--batch-size", "4", "--batches", "2",
+          "--workers", "0,1", "--params", str(ROOT / "params.paper.yaml"), "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    loader_rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert [(w.strip(), a.strip()) for w, a, _ in loader_rows] == [("0", "off"), ("1", "off"), ("0", "on"),
+                                                                  ("1", "on")]
+    core_rows = [line.split("|")[1:-1] for line in lines if line.startswith("| off ") or line.startswith("| on ")]
+    assert len(core_rows) == 2
+    for rate in [r[2] for r in loader_rows] + [r[1] for r in core_rows]:
+        assert float(rate.replace(",", "")) > 0
