@@ -119,6 +119,7 @@ def test_sparse_vqa_targets_densify_exactly_and_score_as_the_dense_ones():
     assert torch.equal(sparse[torch.arange(len(frame))], dense)
     rows = torch.tensor([4, 1, 1, 0])
     assert torch.equal(sparse[rows], dense[rows]) and torch.equal(sparse[1:3], dense[1:3])
+    assert torch.equal(sparse[1], dense[1])
     for best in (torch.tensor([[0], [3], [2], [2], [1]]), torch.tensor([[1], [4], [0], [0], [0]])):
         assert torch.equal(sparse.gather(1, best), dense.gather(1, best))
     assert bool(sparse.any()) and not bool(vqa_targets(frame.iloc[2:3], answers).any())
@@ -133,6 +134,11 @@ def test_a_batch_of_vqa_questions_carries_dense_targets():
                          torch.zeros(2, 4, 4, 3, dtype=torch.uint8), "unit", ["q0", "q1", "q2"])
     batch = next(iter(split.loader(2, False, 0)))
     assert torch.equal(batch["targets"], torch.tensor([[1.0, 0.0], [0.6, 0.3]]))
+    from vldistill.evaluate.metrics import vqa_score
+    from vldistill.evaluate.predictions import answered
+
+    assert answered(split)  # whole-split uses take the sparse targets as they took the dense ones
+    assert vqa_score(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), targets) == pytest.approx((0 + 0.6 + 0.9) / 3)
 
 
 def test_loader_benchmark_prints_a_rate_per_workers_and_augmentation(capsys):

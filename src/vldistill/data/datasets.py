@@ -203,6 +203,8 @@ class SparseTargets:
         return owner, position
 
     def __getitem__(self, rows) -> torch.Tensor:
+        if isinstance(rows, int):
+            return self[[rows]][0]
         if isinstance(rows, slice):
             rows = torch.arange(len(self))[rows]
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
