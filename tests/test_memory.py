@@ -101,8 +101,8 @@ SCRIPT = textwrap.dedent('''
     stop_sampling.set()
     sampler.join()
     print(json.dumps({"store_mb": n_images * h * w * 3 / 2**20, "baseline_mb": baseline / 1024,
-                      "peak_mb": peak[0] / 1024, "peak_worker_mb": peak_worker[0] / 1024, "steps": result.steps, "dev": result.best_dev,
-                      "dev_examples": len(dev)}))
+                      "peak_mb": peak[0] / 1024, "peak_worker_mb": peak_worker[0] / 1024, "steps": result.steps,
+                      "dev": result.best_dev, "dev_examples": len(dev)}))
 ''')
 
 
