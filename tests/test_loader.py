@@ -155,3 +155,15 @@ def test_loader_benchmark_prints_a_rate_per_workers_and_augmentation(capsys):
     assert len(core_rows) == 2
     for rate in [r[2] for r in loader_rows] + [r[1] for r in core_rows]:
         assert float(rate.replace(",", "")) > 0
+
+
+def test_a_spawned_worker_maps_the_store_itself_and_gathers_the_same_batches(nlvr2):
+    """Under ``spawn`` (macOS, or a CUDA process that must not fork) the worker gets the pickled :class:`Gather`:
+    the store's path, not its bytes; it maps the file and gathers exactly what the training process would."""
+    from torch.utils.data import DataLoader
+
+    split = _split(nlvr2)
+    loader = split.loader(8, True, 5, drop_last=True, augment=AUGMENT)
+    spawned = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                         num_workers=1, multiprocessing_context="spawn", generator=torch.Generator())
+    _same(list(spawned), [loader.collate_fn(indices) for indices in loader.batch_sampler])
