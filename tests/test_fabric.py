@@ -334,6 +334,16 @@ def test_two_ddp_processes_take_the_steps_of_one_process_with_accumulation(finet
 
 
 @pytest.mark.slow
+def test_the_stage_with_loader_workers_ends_as_the_stage_without(finetune_repo):
+    """``data.loader.num_workers=2``: the batches are gathered in two worker processes instead of the training
+    process, and the stage writes exactly the model, metrics and curve of the run without workers."""
+    repo, env, reference = finetune_repo
+    shutil.rmtree(repo / "checkpoints", ignore_errors=True)
+    _run([*FINETUNE, "-S", "data.loader.num_workers=2"], repo, env)
+    _assert_same_run(_outputs(repo), reference)
+
+
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_ends_as_the_uninterrupted_run(finetune_repo):
     """Kill the stage with SIGKILL as soon as its first step checkpoint (after step 5 of 32) is on disk, rerun the
     same command: it resumes mid-epoch and writes exactly (bit for bit, CPU, same seed) the model, metrics and curve

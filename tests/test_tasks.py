@@ -112,9 +112,10 @@ def test_vqa_targets_and_score():
 
     frame = pd.DataFrame({"answers": [["yes"], ["red", "blue"]], "scores": [[1.0], [0.6, 0.3]]})
     targets = vqa_targets(frame, ["yes", "no", "red", "blue"])
-    assert torch.equal(targets, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.6, 0.3]]))
+    assert torch.equal(targets[[0, 1]], torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.6, 0.3]]))  # sparse, dense per row
     logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 9.0]])
     assert vqa_score(logits, targets) == pytest.approx((1.0 + 0.3) / 2)
+    assert vqa_score(logits, targets) == vqa_score(logits, targets[[0, 1]])
 
 
 @pytest.mark.parametrize("task,outputs", [("snli_ve", 3), ("vqa", 13), ("nlvr2", 2)])

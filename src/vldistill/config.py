@@ -147,7 +147,19 @@ class RetrievalData(OfficialSource):
     captions_per_image: int = Field(5, ge=1, le=10)
 
 
+class LoaderParams(Strict):
+    """The DataLoader of every split a training stage reads (:class:`vldistill.data.datasets.SplitLoader`): worker
+    processes gather each batch's images from the memory-mapped store and RandAugment them (``train.augment``), the
+    batch goes to the device (pinned memory on CUDA), where the images become float pixels. A batch depends on its
+    example indices and the seed only: results are the same for any value of these knobs."""
+
+    num_workers: int = Field(0, ge=0, le=256, description="worker processes per training process (0: none, the "
+                                                          "batch is gathered in the training process)")
+    prefetch_factor: int = Field(2, ge=1, le=64, description="batches each worker prepares ahead (num_workers > 0)")
+
+
 class DataParams(Strict):
+    loader: LoaderParams = LoaderParams()
     scene: SceneParams = SceneParams()
     pretrain: PretrainData = PretrainData()
     nlvr2: Nlvr2Data | None = Nlvr2Data()

@@ -45,7 +45,7 @@ from lightning_fabric import Fabric
 from tqdm import tqdm
 
 from vldistill.config import FabricParams, StageBudget
-from vldistill.data.datasets import EpochBatches
+from vldistill.data.datasets import EpochBatches, SplitLoader
 from vldistill.io import atomic_path
 from vldistill.train.faults import Interrupted, NonFiniteLoss, StopSignals, agreed_non_finite, non_finite_terms
 from vldistill.train.optim import adamw, warmup_linear
@@ -119,6 +119,8 @@ def fit(
     batches = train_loader.batch_sampler if isinstance(train_loader.batch_sampler, EpochBatches) else None
     if batches is not None:
         batches.shard(rank, world, accumulate)
+    if isinstance(train_loader, SplitLoader):  # uint8 images cross to the device, become float pixels there
+        train_loader.to(fabric.device)
     loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=world > 1 and batches is None)
     steps_per_epoch = max(1, len(loader) // accumulate)
     total_steps = steps_per_epoch * budget.epochs

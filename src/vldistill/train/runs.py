@@ -52,7 +52,8 @@ def _augment(params: Params, stage: str):
 
 
 def _split(params: Params, task: str, split: str, tokenizer):
-    return load_split(paths.PREPARED, task, split, tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
+    return load_split(paths.PREPARED, task, split, tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm,
+                      params.data.loader)
 
 
 def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: Path, extra: dict, tracker: Tracker,
