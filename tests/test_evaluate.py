@@ -244,3 +244,27 @@ def test_two_gloo_processes_compute_the_metrics_of_one_process_on_every_rank(tmp
     fabric.launch(_evaluate_on_ranks, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] == reference
+
+
+# ------------------------------------------------------------------------------------------------- the report
+def test_the_ranking_of_each_retrieval_model_is_recorded_and_reported(tmp_path):
+    from vldistill import paths
+    from vldistill.evaluate.run import ranking
+    from vldistill.report import tables
+
+    params = load(ROOT / "params.yaml")
+    reranked = load(ROOT / "params.yaml", ["evaluate.rerank_k=16"])
+    assert ranking("teacher", False, params) == ranking("dide", True, reranked) == "full"
+    assert ranking("fusion_gt", False, reranked) == "rerank@16 by dide"
+    assert tmp_path / paths.eval_ranking("retrieval") == tmp_path / "metrics" / tables.RANKING
+    models = ["teacher", "dide", "fusion_gt"]
+    assert "missing: " in tables.retrieval_ranking(tmp_path / "metrics", models)
+    path = tmp_path / paths.eval_ranking("retrieval")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({
+        "teacher": {"ranking": "rerank@16 by dide", "pairs_scored": {"test": 1234}, "pairs_total": {"test": 5000}},
+        "dide": {"ranking": "full", "pairs_scored": {"test": 0}, "pairs_total": {"test": 5000}}}))
+    line = tables.retrieval_ranking(tmp_path / "metrics", models)
+    assert f"{tables.label('teacher')}: re-ranked: the fusion model scores the top-16 candidates of " \
+           f"{tables.label('dide')}'s similarities" in line and "(1,234 of 5,000 test pairs" in line
+    assert f"{tables.label('dide')}: full ranking" in line and f"{tables.label('fusion_gt')}: not recorded" in line
