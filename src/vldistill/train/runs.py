@@ -75,11 +75,15 @@ def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: 
 
 
 # ---------------------------------------------------------------------------------------------- teacher
-def loaded_teacher(model: ViltTeacher, source: str, stage: str, task: str, extra: dict | None = None) -> dict:
+def loaded_teacher(model: ViltTeacher, source: str, stage: str, task: str, extra: dict | None = None,
+                   write: bool = True) -> dict:
     """Save a teacher loaded from a checkpoint (``teacher.init`` / ``teacher.finetuned``) as this stage's output,
-    with a metrics file that says where it came from (no training: 0 steps)."""
+    with a metrics file that says where it came from (no training: 0 steps); ``write=False`` (a process other than
+    rank 0) only returns that summary."""
     out, metrics = paths.model_dir(stage, None if task == "pretrain" else task), paths.train_metrics(stage, task)
     summary = {"loaded_from": source, "steps": 0, **(extra or {})}
+    if not write:
+        return summary
     with Tracker(stage, {"teacher.source": source}, task=task) as tracker:
         with atomic_dir(out) as tmp:
             model.save(tmp)
@@ -164,16 +168,16 @@ def teacher_finetune(params: Params, task: str) -> dict:
     if task in params.teacher.finetuned:  # a released fine-tuned checkpoint is this task's teacher
         from vldistill.models.hub import load_finetuned_teacher
 
+        # the dev metric runs on the device, sharded over the processes; seeded first, so that every process draws
+        # the same fresh VQA rows for answers the checkpoint lacks
+        fabric = make_fabric(params.fabric, params.seed)
         model = load_finetuned_teacher(params.teacher, task)
         if task == "vqa":
             remap_vqa_head(model, read_answers(paths.PREPARED, "vqa"))
         dev = _split(params, task, "dev", tokenizer)
-        fabric = make_fabric(params.fabric, params.seed)  # the dev metric on the device, sharded over the processes
         dev_metrics = task_metrics(sharding.place(model, fabric, keep=True).eval(), dev, task, fabric=fabric)
-        summary = None
-        if fabric.is_global_zero:
-            summary = loaded_teacher(model.eval(), params.teacher.finetuned[task], stage, task,
-                                     {f"dev_{k}": round(v, 6) for k, v in dev_metrics.items()})
+        summary = loaded_teacher(model.eval(), params.teacher.finetuned[task], stage, task,
+                                 {f"dev_{k}": round(v, 6) for k, v in dev_metrics.items()}, write=fabric.is_global_zero)
         fabric.barrier()
         return summary
     fabric = make_fabric(params.fabric, params.seed)
