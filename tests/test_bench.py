@@ -262,3 +262,26 @@ def test_training_step_timer_on_cpu(tmp_path):
     assert result["ms_per_example"] == pytest.approx(result["step_ms"] / 2, rel=1e-3)
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu.peak_tflops("cpu") is None
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def test_the_benchmark_times_under_the_precision_of_fabric_or_its_own(monkeypatch):
+    """Every timed call runs inside the precision's autocast (bf16-mixed: bfloat16 logits on this CPU);
+    ``bench.precision: null`` follows ``fabric.precision``."""
+    seen = []
+
+    def spy(teacher, student, batch, timer, **kwargs):
+        seen.append(latency_calls(teacher, student, batch, cached_images(student, batch))["teacher"]().dtype)
+        return {}
+
+    monkeypatch.setattr(bench_run, "task_latency", spy)
+    monkeypatch.setattr(bench_run, "task_flops", lambda *args, **kwargs: {})
+    for precision in ("bf16-mixed", "32-true"):
+        bench_run.paper_latency(fast_bench(), ("snli_ve",), precision=precision)
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]  # batch sizes 1 and 3
+    params = load(ROOT / "params.yaml", ["fabric.precision=bf16-mixed"])
+    assert params.bench.precision_of(params.fabric) == "bf16-mixed"
+    assert load(ROOT / "params.yaml", ["bench.precision=32-true"]).bench.precision_of(params.fabric) == "32-true"
+    assert bench_run.device_info(params.bench, "bf16-mixed")["precision"] == "bf16-mixed"
+    with pytest.raises(RuntimeError, match="bench.precision=16-mixed"):
+        bench_run.check_device(params.bench, "16-mixed")

@@ -12,9 +12,10 @@ from typing import Callable, Iterator
 
 from vldistill.config import FabricParams, Params, load_or_exit
 
-FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "distill_ablation")
-"""Stages (``stages/<name>.py``) that train through Lightning Fabric with ``fabric.*``: this machine is checked against
-``fabric.*`` before they start (:func:`machine_error`)."""
+FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "distill_ablation",
+                 "evaluate")
+"""Stages (``stages/<name>.py``) that train or evaluate through Lightning Fabric with ``fabric.*``: this machine is
+checked against ``fabric.*`` before they start (:func:`machine_error`)."""
 
 
 def stage_args(description: str, task: bool = False, variant: bool = False, any_data_task: bool = False,

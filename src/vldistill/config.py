@@ -504,6 +504,8 @@ class BenchParams(Strict):
 
     batch_sizes: list[int] = [1, 32]
     device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] | None = Field(
+        None, description="forward passes under this precision's autocast (null: fabric.precision)")
     warmup: int = Field(3, ge=0, description="untimed calls before every measurement")
     min_repeats: int = Field(5, ge=3)
     max_repeats: int = Field(50, ge=3)
@@ -517,6 +519,28 @@ class BenchParams(Strict):
     paper: PaperBenchParams = PaperBenchParams()
 
     _valid = model_validator(mode="after")(_check_timing)
+
+    @model_validator(mode="after")
+    def _precision_fits(self):
+        if self.device == "cpu" and self.precision == "16-mixed":
+            raise ValueError("precision=16-mixed: needs device=cuda; use '32-true' or 'bf16-mixed' on cpu")
+        return self
+
+    def precision_of(self, fabric: FabricParams) -> str:
+        """The precision timed: ``precision``, or ``fabric.precision`` when it is null."""
+        return self.precision or fabric.precision
+
+
+class EvaluateParams(Strict):
+    """``evaluate@<task>`` (runs on ``fabric.*``'s device and precision, sharded over its processes). Retrieval of
+    fusion models (the teacher, fusion students): ``rerank_k: null`` scores every (caption, image) pair jointly (the
+    exact full ranking); ``k`` re-scores only the top-``k`` candidates of the dual encoder ``rerank_with`` in each
+    direction (ALBEF/BLIP-style), the rest ranked below them: N·k joint passes per direction instead of
+    N_text·N_image, and recall@K an approximation that needs K <= k."""
+
+    rerank_k: int | None = Field(None, ge=1, description="null: full ranking; k: re-rank the dual encoder's top-k")
+    rerank_with: str = Field("dide", description="the variant (a dual student trained on retrieval by runs) whose "
+                                                 "similarities choose the candidates")
 
 
 class AblationParams(Strict):
@@ -556,6 +580,7 @@ class Params(Strict):
     fabric: FabricParams = FabricParams()
     train: TrainParams = TrainParams()
     bench: BenchParams = BenchParams()
+    evaluate: EvaluateParams = EvaluateParams()
     ablation: AblationParams = AblationParams()
     report: ReportParams = ReportParams()
 
@@ -577,6 +602,22 @@ class Params(Strict):
                 raise ValueError(f"runs.{key}.task={_shown(run.task)}: not in tasks {list(self.tasks)}")
             if run.variant not in self.variants:
                 raise ValueError(f"runs.{key}.variant={_shown(run.variant)}: not in variants {sorted(self.variants)}")
+        return self
+
+    @model_validator(mode="after")
+    def _rerank_model_exists(self):
+        """``evaluate.rerank_k`` needs ``evaluate.rerank_with`` to be a dual student that ``runs`` trains on
+        retrieval (evaluate@retrieval reads its checkpoint)."""
+        knobs = self.evaluate
+        if knobs.rerank_k is None or "retrieval" not in self.tasks:
+            return self
+        trained = self.task_variants("retrieval")
+        if knobs.rerank_with not in trained:
+            raise ValueError(f"evaluate.rerank_with={_shown(knobs.rerank_with)}: evaluate.rerank_k is set, so it must "
+                             f"be a variant that runs trains on retrieval (have: {trained})")
+        if self.student_kind(knobs.rerank_with) != "dual":
+            raise ValueError(f"evaluate.rerank_with={_shown(knobs.rerank_with)}: must be a dual-encoder student (its "
+                             "similarity matrix chooses the candidates); it is a fusion student")
         return self
 
     @model_validator(mode="after")

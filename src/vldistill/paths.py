@@ -34,6 +34,13 @@ def eval_metrics(task: str, model: str) -> Path:
     return Path("metrics/eval", task, f"{model}.json")
 
 
+def eval_ranking(task: str) -> Path:
+    """``metrics/eval/<task>/ranking.meta.json`` (retrieval): ``{"<model>": {"ranking": "full" | "rerank@<k> by
+    <dual variant>", "pairs_scored": {"<split>": joint passes}, "pairs_total": {"<split>": captions x images}}}``.
+    Its name has a dot, which no model name has, so it is never taken for a model's metrics."""
+    return Path("metrics/eval", task, "ranking.meta.json")
+
+
 def predictions(task: str, model: str) -> Path:
     """``predictions/<task>/<model>.json``: per-example test predictions (VQA: the submission format)."""
     return Path("predictions", task, f"{model}.json")

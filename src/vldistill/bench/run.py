@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from lightning_fabric import Fabric
 
 from vldistill import paths
 from vldistill.bench import paper as paper_size
@@ -66,13 +67,28 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_device(bench: BenchParams) -> None:
+def check_device(bench: BenchParams, precision: str = "32-true") -> None:
     if bench.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench.device='cuda' but no CUDA device is visible; use bench.device=cpu")
+    if bench.device == "cpu" and precision == "16-mixed":
+        raise RuntimeError("bench.precision=16-mixed (null: fabric.precision) needs bench.device=cuda; set "
+                           "bench.precision=32-true or bf16-mixed on cpu")
 
 
-def device_info(bench: BenchParams) -> dict:
-    """What the timings were taken on: ``kind`` (cpu|cuda), ``name``, ``threads`` (embedded), ``paper_threads``."""
+def bench_fabric(bench: BenchParams, precision: str = "32-true") -> Fabric:
+    """A one-device Fabric on ``bench.device`` with ``precision``: what the timings use of it is its device, its
+    autocast (every timed call runs inside it) and its weight and input conversions (``*-true``)."""
+    return Fabric(accelerator=bench.device, devices=1, precision=precision)
+
+
+def _place(model: torch.nn.Module, fabric: Fabric) -> torch.nn.Module:
+    """``model`` on the fabric's device, in its precision's weight dtype."""
+    return fabric.strategy.precision.convert_module(fabric.to_device(model))
+
+
+def device_info(bench: BenchParams, precision: str = "32-true") -> dict:
+    """What the timings were taken on: ``kind`` (cpu|cuda), ``name``, ``threads`` (embedded), ``paper_threads``,
+    ``precision`` (forward passes under its autocast)."""
     if bench.device == "cuda":
         name = torch.cuda.get_device_name()
     else:
@@ -83,11 +99,13 @@ def device_info(bench: BenchParams) -> dict:
                     name = line.split(":", 1)[1].strip()
                     break
     return {"kind": bench.device, "name": name, "threads": bench.threads, "paper_threads": bench.paper.threads,
-            "torch": torch.__version__}
+            "precision": precision, "torch": torch.__version__}
 
 
-def _to(batch: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+def _to(batch: dict, fabric: Fabric) -> dict:
+    """The batch on the fabric's device, float inputs in its precision's input dtype."""
+    return {k: fabric.strategy.precision.convert_input(v.to(fabric.device)) if v.is_floating_point() else
+            v.to(fabric.device) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- latency
@@ -98,43 +116,47 @@ def embedded_latency(params: Params) -> dict[str, dict]:
     from vldistill.data.datasets import load_split
 
     bench = params.bench
+    fabric = bench_fabric(bench, bench.precision_of(params.fabric))
     tasks = [t for t in params.tasks if t in LATENCY_TASKS]
     tokenizer = tok.load(paths.TOKENIZER) if tasks else None
     timer = make_timer(bench, bench.device)
     results: dict[str, dict] = {}
     for task in tasks:
-        teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().to(bench.device)
-        student = DualEncoder.load(paths.model_dir("distill_finetune", task, "dide")).eval().to(bench.device)
+        teacher = _place(ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval(), fabric)
+        student = _place(DualEncoder.load(paths.model_dir("distill_finetune", task, "dide")).eval(), fabric)
         split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len,
                            params.teacher.pixel_norm)
-        flops = task_flops(teacher, student, _to(split.collate([0]), bench.device))
-        results[task] = {}
-        for size in bench.batch_sizes:
-            batch = _to(split.collate(list(range(min(size, len(split))))), bench.device)
-            results[task][str(size)] = task_latency(teacher, student, batch, timer, flops=flops)
+        with fabric.autocast():
+            flops = task_flops(teacher, student, _to(split.collate([0]), fabric))
+            results[task] = {}
+            for size in bench.batch_sizes:
+                batch = _to(split.collate(list(range(min(size, len(split))))), fabric)
+                results[task][str(size)] = task_latency(teacher, student, batch, timer, flops=flops)
     return results
 
 
-def paper_latency(bench: BenchParams, tasks: tuple[str, ...] = LATENCY_TASKS) -> dict[str, dict]:
+def paper_latency(bench: BenchParams, tasks: tuple[str, ...] = LATENCY_TASKS,
+                  precision: str = "32-true") -> dict[str, dict]:
     """``{task: {"<batch>": row}}`` at the paper's size (``bench.paper.architecture``, random weights, synthetic
     inputs). Batch sizes in increasing order; ``bench.paper.warmup`` untimed calls per model before its first
     (smallest) batch on CPU, where one call takes seconds, and before every batch on CUDA. The cached image vectors
-    are random (:func:`vldistill.bench.latency.cached_images`)."""
+    are random (:func:`vldistill.bench.latency.cached_images`). Forward passes under ``precision``'s autocast."""
     knobs, arch = bench.paper, bench.paper.architecture
+    fabric = bench_fabric(bench, precision)
     sizes = sorted(knobs.batch_sizes or bench.batch_sizes)
     results: dict[str, dict] = {}
     for task in tasks:
-        teacher, student = paper_size.paper_models(task, arch)
-        teacher, student = teacher.to(bench.device), student.to(bench.device)
+        teacher, student = (_place(m, fabric) for m in paper_size.paper_models(task, arch))
         inputs = lambda size: _to(paper_size.synthetic_batch(task, size, arch.text_len, arch.vocab_size,  # noqa: E731
-                                                              arch.image_size), bench.device)
-        flops = task_flops(teacher, student, inputs(1), precompute=False)
-        results[task] = {}
-        for i, size in enumerate(sizes):
-            warmup = knobs.warmup if i == 0 or bench.device == "cuda" else 0
-            timer = make_timer(knobs, bench.device, warmup)
-            results[task][str(size)] = task_latency(teacher, student, inputs(size), timer, precompute=False,
-                                                    flops=flops)
+                                                              arch.image_size), fabric)
+        with fabric.autocast():
+            flops = task_flops(teacher, student, inputs(1), precompute=False)
+            results[task] = {}
+            for i, size in enumerate(sizes):
+                warmup = knobs.warmup if i == 0 or bench.device == "cuda" else 0
+                timer = make_timer(knobs, bench.device, warmup)
+                results[task][str(size)] = task_latency(teacher, student, inputs(size), timer, precompute=False,
+                                                        flops=flops)
         del teacher, student
     return results
 
@@ -157,32 +179,36 @@ def embedded_retrieval_models(params: Params) -> tuple[ViltTeacher, DualEncoder,
 
 def embedded_retrieval(params: Params, teacher=None, student=None) -> dict[str, dict]:
     """``{"<N>": row}``: dual encoder end to end on each gallery, teacher from ``bench.retrieval_pairs`` pairs per
-    call (models from :func:`embedded_retrieval_models` unless given)."""
+    call (models from :func:`embedded_retrieval_models` unless given), under the precision timed."""
     bench = params.bench
+    fabric = bench_fabric(bench, bench.precision_of(params.fabric))
     if teacher is None or student is None:
         teacher, student, _ = embedded_retrieval_models(params)
-    teacher, student = teacher.to(bench.device), student.to(bench.device)
+    teacher, student = _place(teacher, fabric), _place(student, fabric)
     sizes = retrieval.gallery_sizes(bench.retrieval_max)
     config = teacher.config
     n = max(max(sizes), -(-bench.retrieval_pairs // retrieval.CAPTIONS_PER_IMAGE))
     inputs = retrieval.Inputs.make(n, config.max_position_embeddings, config.vocab_size,
                                    (config.image_size, config.image_size))
-    inputs = retrieval.Inputs(*(t.to(bench.device) for t in (inputs.images, inputs.ids, inputs.mask)))
-    return retrieval.scaling_end_to_end(teacher, student, sizes, inputs, bench.retrieval_batch, bench.retrieval_pairs,
-                                        make_timer(bench, bench.device))
+    inputs = retrieval.Inputs(*_to({"images": inputs.images, "ids": inputs.ids, "mask": inputs.mask}, fabric).values())
+    with fabric.autocast():
+        return retrieval.scaling_end_to_end(teacher, student, sizes, inputs, bench.retrieval_batch,
+                                            bench.retrieval_pairs, make_timer(bench, bench.device))
 
 
-def paper_retrieval(bench: BenchParams) -> dict[str, dict]:
-    """``{"<N>": row}`` at the paper's size: both models extrapolated from unit costs (the matrix timed per N)."""
+def paper_retrieval(bench: BenchParams, precision: str = "32-true") -> dict[str, dict]:
+    """``{"<N>": row}`` at the paper's size: both models extrapolated from unit costs (the matrix timed per N),
+    forward passes under ``precision``'s autocast."""
     knobs, arch = bench.paper, bench.paper.architecture
-    teacher, student = paper_size.paper_models("retrieval", arch)
-    teacher, student = teacher.to(bench.device), student.to(bench.device)
+    fabric = bench_fabric(bench, precision)
+    teacher, student = (_place(m, fabric) for m in paper_size.paper_models("retrieval", arch))
     n = max(knobs.retrieval_batch, -(-knobs.retrieval_pairs // retrieval.CAPTIONS_PER_IMAGE))
     inputs = retrieval.Inputs.make(n, arch.text_len, arch.vocab_size, arch.image_size)
-    inputs = retrieval.Inputs(*(t.to(bench.device) for t in (inputs.images, inputs.ids, inputs.mask)))
-    return retrieval.scaling_extrapolated(teacher, student, retrieval.gallery_sizes(bench.retrieval_max), inputs,
-                                          knobs.retrieval_batch, knobs.retrieval_pairs,
-                                          make_timer(knobs, bench.device))
+    inputs = retrieval.Inputs(*_to({"images": inputs.images, "ids": inputs.ids, "mask": inputs.mask}, fabric).values())
+    with fabric.autocast():
+        return retrieval.scaling_extrapolated(teacher, student, retrieval.gallery_sizes(bench.retrieval_max), inputs,
+                                              knobs.retrieval_batch, knobs.retrieval_pairs,
+                                              make_timer(knobs, bench.device))
 
 
 # --------------------------------------------------------------------------------------------------- the stage
@@ -228,13 +254,14 @@ def retrieval_setup(bench: BenchParams, models: str) -> dict:
 def run_latency(params: Params) -> dict:
     """Write and return ``metrics/bench/latency.json``."""
     bench = params.bench
-    check_device(bench)
+    precision = bench.precision_of(params.fabric)
+    check_device(bench, precision)
     with torch_threads(bench.threads):
         results: dict = {"embedded": embedded_latency(params)}
     if bench.paper.enabled:
         with torch_threads(bench.paper.threads):
-            results["paper"] = paper_latency(bench)
-    results |= {"device": device_info(bench), "setup": latency_setup(bench)}
+            results["paper"] = paper_latency(bench, precision=precision)
+    results |= {"device": device_info(bench, precision), "setup": latency_setup(bench)}
     write_json(paths.LATENCY, results)
     return results
 
@@ -242,14 +269,15 @@ def run_latency(params: Params) -> dict:
 def run_retrieval(params: Params) -> dict:
     """Write and return ``metrics/bench/retrieval.json``."""
     bench = params.bench
-    check_device(bench)
+    precision = bench.precision_of(params.fabric)
+    check_device(bench, precision)
     teacher, student, models = embedded_retrieval_models(params)
     with torch_threads(bench.threads):
         results: dict = {"embedded": embedded_retrieval(params, teacher, student)}
     if bench.paper.enabled:
         with torch_threads(bench.paper.threads):
-            results["paper"] = paper_retrieval(bench)
-    results |= {"device": device_info(bench), "setup": retrieval_setup(bench, models)}
+            results["paper"] = paper_retrieval(bench, precision=precision)
+    results |= {"device": device_info(bench, precision), "setup": retrieval_setup(bench, models)}
     write_json(RETRIEVAL, results)
     return results
 

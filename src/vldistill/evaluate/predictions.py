@@ -8,38 +8,30 @@
 
 from __future__ import annotations
 
-import torch
-
-from vldistill.evaluate.metrics import gallery, retrieval_scores
+from vldistill.evaluate.metrics import RetrievalScores, class_outputs, gallery, retrieval_scores
 
 TOP_K_IMAGES = 5
 
 
-@torch.no_grad()
-def class_logits(model, split, task: str, batch_size: int = 256) -> torch.Tensor:
-    """``(N, C)`` logits of a teacher, dual or fusion student over a split, in order, in eval mode."""
-    model.eval()
-    outs = []
-    for batch in split.loader(batch_size, shuffle=False, seed=0):
-        if task == "nlvr2":
-            logits = model.nlvr2_logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values_left"],
-                                        batch["pixel_values_right"])
-        else:
-            logits = model.classify(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        outs.append(logits.float())
-    return torch.cat(outs)
-
-
 def predictions(model, split, task: str, question_ids: list | None = None,
-                answers: list[str] | None = None) -> list[dict]:
+                answers: list[str] | None = None, fabric=None) -> list[dict]:
     """The task's prediction records (see the module docstring) for every example of ``split``; VQA needs the
     split's ``question_ids`` and the answer vocabulary ``answers``."""
+    outputs = retrieval_scores(model, split, fabric=fabric) if task == "retrieval" else \
+        class_outputs(model, split, task, fabric=fabric)
+    return records(outputs, split, task, question_ids, answers)
+
+
+def records(outputs: dict | RetrievalScores, split, task: str, question_ids: list | None = None,
+            answers: list[str] | None = None) -> list[dict]:
+    """:func:`predictions` from a model's outputs on ``split`` (:func:`~vldistill.evaluate.metrics.class_outputs`
+    or, for retrieval, :class:`~vldistill.evaluate.metrics.RetrievalScores`: the top images of each caption by its
+    ``ir`` scores)."""
     if task == "retrieval":
-        scores = retrieval_scores(model, split)[0]
-        rows, keys, _ = gallery(split)  # the columns of ``scores``: images in order of first appearance
-        top = scores.topk(min(TOP_K_IMAGES, scores.shape[1]), dim=1).indices.tolist()
+        rows, keys, _ = gallery(split)  # the columns of the scores: images in order of first appearance
+        top = outputs.ir.topk(min(TOP_K_IMAGES, outputs.ir.shape[1]), dim=1).indices.tolist()
         return [{"caption": row, "images": [int(keys[i]) for i in best]} for row, best in zip(rows, top)]
-    best = class_logits(model, split, task).argmax(dim=-1).tolist()
+    best = outputs["prediction"].tolist()
     if task == "vqa":
         if question_ids is None or answers is None:
             raise ValueError("vqa predictions need the split's question_ids and the answer vocabulary")

@@ -9,8 +9,9 @@ from vldistill.config import Params
 from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
 from vldistill.data.prepared import read_answers, read_split
-from vldistill.evaluate.metrics import task_metrics
-from vldistill.evaluate.predictions import answered, predictions
+from vldistill.evaluate import sharding
+from vldistill.evaluate.metrics import class_metrics, class_outputs, rerank_candidates, retrieval_scores
+from vldistill.evaluate.predictions import answered, records
 from vldistill.io import write_json
 from vldistill.models.fusion import load_student
 from vldistill.models.teacher import ViltTeacher
@@ -31,12 +32,25 @@ def models_for(task: str, params: Params) -> dict[str, object]:
     return found
 
 
-def evaluate_task(params: Params, task: str) -> dict[str, dict]:
+def ranking(name: str, is_dual: bool, params: Params) -> str:
+    """How ``name``'s retrieval recalls were ranked: ``full`` (a dual encoder's similarity matrix, or a fusion
+    model scoring every pair) or ``rerank@<k> by <dual variant>`` (``evaluate.rerank_k``)."""
+    knobs = params.evaluate
+    if is_dual or knobs.rerank_k is None:
+        return "full"
+    return f"rerank@{knobs.rerank_k} by {knobs.rerank_with}"
+
+
+def evaluate_task(params: Params, task: str, fabric=None) -> dict[str, dict]:
     """Write ``metrics/eval/<task>/<model>.json = {"dev": {<metric>: value}, "test": {...}}`` for every model
-    (metrics of :func:`task_metrics`: accuracy, vqa_score, or retrieval recalls over every caption and image) and its
-    test predictions ``predictions/<task>/<model>.json`` (:mod:`vldistill.evaluate.predictions`; on VQA the
+    (metrics of :func:`~vldistill.evaluate.metrics.task_metrics`: accuracy, vqa_score, or retrieval recalls over every
+    caption and image) and its test predictions ``predictions/<task>/<model>.json`` (:mod:`vldistill.evaluate.predictions`; on VQA the
     submission format). A VQA test split without answers (VQAv2 test-dev at paper scale) gets no test metrics: the
-    evaluation server scores the submission file."""
+    evaluation server scores the submission file. Retrieval also writes ``metrics/eval/retrieval/ranking.meta.json``
+    (:func:`vldistill.paths.eval_ranking`): how each model's recalls were ranked, and the joint passes it took.
+
+    Each model runs once per split on ``fabric``'s device and precision, sharded over its processes (``None``: the
+    CPU, one process); only rank 0 writes."""
     torch.manual_seed(params.seed)
     tokenizer = tok.load(paths.TOKENIZER)
     splits = {s: load_split(paths.PREPARED, task, s, tokenizer, params.teacher.max_text_len, params.teacher.pixel_norm)
@@ -46,14 +60,38 @@ def evaluate_task(params: Params, task: str) -> dict[str, dict]:
     if task == "vqa":
         vqa = {"question_ids": read_split(paths.PREPARED, task, "test")["question_id"].tolist(),
                "answers": read_answers(paths.PREPARED, task)}
-    results = {}
-    for name, path in models_for(task, params).items():
-        model = ViltTeacher.load(path) if name == "teacher" else load_student(path)
-        model.eval()
-        results[name] = {split: {k: round(v, 6) for k, v in task_metrics(model, splits[split], task).items()}
-                         for split in scored}
-        write_json(paths.eval_metrics(task, name), results[name])
-        write_json(paths.predictions(task, name), predictions(model, splits["test"], task, **vqa))
+    found = models_for(task, params)
+    candidates = {}
+    if task == "retrieval" and params.evaluate.rerank_k is not None:
+        dual = sharding.place(load_student(found[params.evaluate.rerank_with]), fabric)
+        candidates = {s: rerank_candidates(retrieval_scores(dual, splits[s], fabric=fabric), params.evaluate.rerank_k)
+                      for s in SPLITS}
+        del dual
+    results, ranked = {}, {}
+    rank_zero = fabric is None or fabric.is_global_zero
+    for name, path in found.items():
+        model = sharding.place(ViltTeacher.load(path) if name == "teacher" else load_student(path), fabric).eval()
+        outputs, metrics = {}, {}
+        for split in SPLITS:
+            if task == "retrieval":
+                is_dual = hasattr(model, "itc_logits")
+                outputs[split] = retrieval_scores(model, splits[split], fabric=fabric,
+                                                  candidates=None if is_dual else candidates.get(split))
+                metrics[split] = outputs[split].recall()
+            elif split in scored or split == "test":
+                outputs[split] = class_outputs(model, splits[split], task, fabric=fabric)
+                metrics[split] = class_metrics(outputs[split])
+        results[name] = {split: {k: round(v, 6) for k, v in metrics[split].items()} for split in scored}
+        if task == "retrieval":
+            ranked[name] = {"ranking": ranking(name, is_dual, params),
+                            "pairs_scored": {s: outputs[s].pairs_scored for s in SPLITS},
+                            "pairs_total": {s: outputs[s].ir.numel() for s in SPLITS}}
+        if rank_zero:
+            write_json(paths.eval_metrics(task, name), results[name])
+            write_json(paths.predictions(task, name), records(outputs["test"], splits["test"], task, **vqa))
+        del model
+    if ranked and rank_zero:
+        write_json(paths.eval_ranking(task), ranked)
     return results
 
 

@@ -81,6 +81,34 @@ def main_results(metrics_dir: str | Path, task: str, models: list[str], decimals
     return pd.DataFrame(rows).set_index("model")
 
 
+RANKING = Path("eval/retrieval/ranking.meta.json")
+"""How each retrieval model's recalls were ranked (written by evaluate@retrieval, under ``metrics_dir``)."""
+
+
+def retrieval_ranking(metrics_dir: str | Path, models: list[str]) -> str:
+    """The line under the retrieval table that says which ranking produced each model's recalls: the full ranking
+    (every caption against every image) or a re-ranking of a dual encoder's top-k candidates per direction
+    (``evaluate.rerank_k``), with the joint passes it took on test."""
+    path = Path(metrics_dir) / RANKING
+    info = read_json(path)
+    if info is None:
+        return f"Ranking: {missing(path)}"
+    groups: dict[str, list[str]] = {}
+    for model in models:
+        entry = info.get(model)
+        if entry is None:
+            how = f"not recorded in {path}"
+        elif entry["ranking"] == "full":
+            how = "full ranking (every caption scored against every image)"
+        else:
+            k, dual = re.fullmatch(r"rerank@(\d+) by (\w+)", entry["ranking"]).groups()
+            how = (f"re-ranked: the fusion model scores the top-{k} candidates of {label(dual)}'s similarities in each "
+                   f"direction, the rest rank below ({entry['pairs_scored']['test']:,} of "
+                   f"{entry['pairs_total']['test']:,} test pairs scored jointly)")
+        groups.setdefault(how, []).append(label(model))
+    return "Ranking: " + "; ".join(f"{', '.join(names)}: {how}" for how, names in groups.items()) + "."
+
+
 def has_seed_replicas(models: list[str]) -> bool:
     """Whether any model is a seed replica ``<variant>_seed<k>`` (then :func:`seed_summary` has something to add)."""
     return any(SEED_SUFFIX.search(model) for model in models)

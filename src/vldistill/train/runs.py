@@ -6,6 +6,7 @@ Stage entry points call these with the validated :class:`~vldistill.config.Param
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from functools import partial
@@ -19,7 +20,8 @@ from vldistill.data import tokenizer as tok
 from vldistill.data.augment import augment_images
 from vldistill.data.datasets import load_split
 from vldistill.data.prepared import read_answers
-from vldistill.evaluate.metrics import recall_at_k, retrieval_scores, task_metrics
+from vldistill.evaluate import sharding
+from vldistill.evaluate.metrics import retrieval_scores, split_batches, task_metrics
 from vldistill.io import atomic_dir, write_json
 from vldistill.distill.knowledge import KnowledgeModules
 from vldistill.models.dual import DualEncoder
@@ -74,11 +76,15 @@ def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: 
 
 
 # ---------------------------------------------------------------------------------------------- teacher
-def loaded_teacher(model: ViltTeacher, source: str, stage: str, task: str, extra: dict | None = None) -> dict:
+def loaded_teacher(model: ViltTeacher, source: str, stage: str, task: str, extra: dict | None = None,
+                   write: bool = True) -> dict:
     """Save a teacher loaded from a checkpoint (``teacher.init`` / ``teacher.finetuned``) as this stage's output,
-    with a metrics file that says where it came from (no training: 0 steps)."""
+    with a metrics file that says where it came from (no training: 0 steps); ``write=False`` (a process other than
+    rank 0) only returns that summary."""
     out, metrics = paths.model_dir(stage, None if task == "pretrain" else task), paths.train_metrics(stage, task)
     summary = {"loaded_from": source, "steps": 0, **(extra or {})}
+    if not write:
+        return summary
     with Tracker(stage, {"teacher.source": source}, task=task) as tracker:
         with atomic_dir(out) as tmp:
             model.save(tmp)
@@ -107,16 +113,25 @@ def teacher_pretrain(params: Params) -> dict:
     objective = objectives.Objective(model, objectives.teacher_pretrain_loss(tokenizer.mask_token_id, len(tokenizer), special))
 
     def evaluate(obj) -> dict[str, float]:
+        """Mean MLM and ITM losses over dev; each process takes its block of the dev batches, sums are all-reduced
+        (under DDP a process's masks and negatives are its own stream's, so the losses are those of one process in
+        expectation, not bit for bit)."""
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(params.seed)  # the same masks and negatives at every evaluation
         sums, n = {"mlm": 0.0, "itm": 0.0}, 0
+        batches, kept = split_batches(dev, 256, fabric)
+        module = getattr(obj, "module", obj)  # not DDP's forward: processes may run different numbers of batches
         with torch.no_grad():
-            for batch in dev.loader(256, shuffle=False, seed=0):
-                batch = {k: v.to(fabric.device) for k, v in batch.items()}
-                terms = obj(batch)
+            for batch in itertools.islice(batches, kept):
+                with fabric.autocast():
+                    terms = module(batch)
                 sums = {k: sums[k] + float(terms[k]) * len(batch["index"]) for k in sums}
                 n += len(batch["index"])
         torch.random.set_rng_state(gen_state)
+        if fabric.world_size > 1:
+            total = fabric.all_reduce(torch.tensor([sums["mlm"], sums["itm"], n], dtype=torch.float64,
+                                                   device=fabric.device), reduce_op="sum").tolist()
+            sums, n = {"mlm": total[0], "itm": total[1]}, total[2]
         return {"neg_loss": -(sums["mlm"] + sums["itm"]) / n, "mlm_loss": sums["mlm"] / n, "itm_loss": sums["itm"] / n}
 
     ckpt, curve = paths.checkpoint_dir(stage), paths.curve_path(stage, "pretrain")
@@ -154,12 +169,18 @@ def teacher_finetune(params: Params, task: str) -> dict:
     if task in params.teacher.finetuned:  # a released fine-tuned checkpoint is this task's teacher
         from vldistill.models.hub import load_finetuned_teacher
 
+        # the dev metric runs on the device, sharded over the processes; seeded first, so that every process draws
+        # the same fresh VQA rows for answers the checkpoint lacks
+        fabric = make_fabric(params.fabric, params.seed)
         model = load_finetuned_teacher(params.teacher, task)
         if task == "vqa":
             remap_vqa_head(model, read_answers(paths.PREPARED, "vqa"))
         dev = _split(params, task, "dev", tokenizer)
-        return loaded_teacher(model, params.teacher.finetuned[task], stage, task,
-                              {f"dev_{k}": round(v, 6) for k, v in task_metrics(model.eval(), dev, task).items()})
+        dev_metrics = task_metrics(sharding.place(model, fabric, keep=True).eval(), dev, task, fabric=fabric)
+        summary = loaded_teacher(model.eval(), params.teacher.finetuned[task], stage, task,
+                                 {f"dev_{k}": round(v, 6) for k, v in dev_metrics.items()}, write=fabric.is_global_zero)
+        fabric.barrier()
+        return summary
     fabric = make_fabric(params.fabric, params.seed)
     train, dev = _split(params, task, "train", tokenizer), _split(params, task, "dev", tokenizer)
     pretrained = paths.model_dir("teacher_pretrain")
@@ -206,7 +227,7 @@ DEV_CAPTIONS_PER_IMAGE = 1
 
 def _dev_metrics(task: str, dev, fabric):
     """``evaluate_fn`` of :func:`fit`: the task's metrics on dev for the model inside the :class:`Objective`."""
-    return lambda objective: task_metrics(objective.model, dev, task, device=fabric.device,
+    return lambda objective: task_metrics(objective.model, dev, task, fabric=fabric,
                                           captions_per_image=DEV_CAPTIONS_PER_IMAGE)
 
 
@@ -231,7 +252,7 @@ def distill_pretrain(params: Params) -> dict:
 
     def evaluate(obj) -> dict[str, float]:
         """Caption→image and image→caption recall over the dev images (one caption per image), from ITC."""
-        return recall_at_k(*retrieval_scores(obj.model, dev, captions_per_image=1, device=fabric.device))
+        return retrieval_scores(obj.model, dev, captions_per_image=1, fabric=fabric).recall()
 
     ckpt, curve = paths.checkpoint_dir(stage), paths.curve_path(stage, "pretrain")
     with Tracker(stage, flatten({"seed": params.seed, "distill": recipe, "student": params.student,
