@@ -45,7 +45,7 @@ def split_batches(split, batch_size: int, fabric=None) -> tuple[Iterator[dict], 
     """This process's block of the split's batches (of :meth:`~vldistill.data.datasets.EncodedSplit.loader`, in
     order, ``batch_size`` examples each, the last one shorter), on the device; and how many of them count (see
     :func:`~vldistill.evaluate.sharding.share`)."""
-    loader = split.loader(batch_size, shuffle=False, seed=0)
+    loader = split.loader(batch_size, shuffle=False, seed=0, device=sharding.device(fabric))  # uint8 crosses
     mine, kept = sharding.share(len(loader.batch_sampler), fabric)
     loader.batch_sampler.set_epoch(0, mine.start)  # skip the batches of the ranks before this one
     return (sharding.to_device(b, fabric) for b in itertools.islice(loader, len(mine))), kept
@@ -169,7 +169,7 @@ def _similarity(model, split, ids: torch.Tensor, mask: torch.Tensor, keys: torch
     from vldistill.data.datasets import to_pixels
 
     def image_cls(s: slice) -> torch.Tensor:
-        pixels = to_pixels(split.images[keys[s]], split.pixel_norm).to(sharding.device(fabric))
+        pixels = to_pixels(split.images[keys[s]].to(sharding.device(fabric)), split.pixel_norm)  # on the device
         return model.encode_image(sharding.pixels_in(pixels, fabric)).cls
 
     texts = _encoded(lambda s: model.encode_text(ids[s], mask[s]).cls, len(ids), batch_size, fabric)
