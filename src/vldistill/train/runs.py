@@ -21,7 +21,6 @@ from vldistill.data.datasets import load_split
 from vldistill.data.prepared import read_answers
 from vldistill.evaluate.metrics import recall_at_k, retrieval_scores, task_metrics
 from vldistill.io import atomic_dir, write_json
-from vldistill.distill.knowledge import KnowledgeModules
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, vilt_config
@@ -221,12 +220,10 @@ def distill_pretrain(params: Params) -> dict:
     teacher = ViltTeacher.load(paths.model_dir("teacher_pretrain")).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
     student = DualEncoder.from_teacher(teacher, params.student.fusion_hidden, task="pretrain")
-    layers = [s for s, _ in objectives.distill_pairs(recipe, teacher.config.num_hidden_layers,
-                                                      teacher.config.num_hidden_layers)]
     special = [tokenizer.convert_tokens_to_ids(t) for t in tok.SPECIAL]
     masker = lambda ids, mask: objectives.mask_tokens(ids, mask, tokenizer.mask_token_id, len(tokenizer),  # noqa: E731
                                                       special)
-    objective = objectives.Objective(student, objectives.dual_pretrain_loss(recipe, layers, teacher, masker))
+    objective = objectives.distill_pretrain_objective(recipe, student, teacher, masker)
 
     def evaluate(obj) -> dict[str, float]:
         """Caption→image and image→caption recall over the dev images (one caption per image), from ITC."""
@@ -289,16 +286,9 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
     teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
     student = _finetune_student(params, variant, task)
-    pairs = objectives.distill_pairs(recipe, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    extras = KnowledgeModules(set(recipe.knowledge), pairs, student.config.hidden_size, teacher.config.hidden_size,
-                              recipe.nce.queue_size, recipe.nce.temperature)
     negatives = params.train.retrieval_negatives
-    if task == "retrieval":
-        loss = objectives.retrieval_distill_loss(recipe, pairs, teacher, negatives, extras)
-    else:
-        loss = objectives.dide_loss(recipe, pairs, _teacher_fn(recipe, teacher, train, sorted({t for _, t in pairs}),
-                                                               fabric.device), extras)
-    objective = objectives.Objective(student, loss, extras)
+    targets_for = lambda layers: _teacher_fn(recipe, teacher, train, layers, fabric.device)  # noqa: E731
+    objective = objectives.distill_finetune_objective(recipe, task, student, teacher, negatives, targets_for)
     ckpt, curve = paths.checkpoint_dir(stage, task, variant), paths.curve_path(stage, task, variant)
     with Tracker(stage, flatten({"seed": seed, "distill": recipe, "student": params.student,
                                  "student_kind": params.student_kind(variant), f"train.{stage}": budget,
