@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from vldistill.config import StudentParams, TeacherParams, load
+from vldistill.config import ConfigError, StudentParams, TeacherParams, load
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, vilt_config
@@ -106,6 +106,12 @@ def test_distill_pretrain_trains_every_parameter_it_leaves_trainable():
     masker = lambda ids, mask: objectives.mask_tokens(ids, mask, 4, VOCAB, [0, 1, 2, 3, 4])  # noqa: E731
     objective = objectives.distill_pretrain_objective(PARAMS.distill, student, teacher, masker)
     assert _assert_trains_exactly_what_its_loss_reads(objective, _batch("pretrain")) == set()
+
+
+def test_a_recipe_without_a_term_on_the_task_outputs_is_refused():
+    """Without ``gt`` or ``soft`` the head (and whatever lies above the distilled layers) never gets a gradient."""
+    with pytest.raises(ConfigError, match=r"variants.dide.knowledge.*add 'gt' or 'soft'"):
+        load(ROOT / "params.yaml", ["variants.dide={knowledge: [attn_cross, hidden]}"])
 
 
 def test_freezing_keeps_the_weights_and_the_saved_state(tmp_path):

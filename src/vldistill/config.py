@@ -265,6 +265,8 @@ def _check_knowledge(knowledge: list[str] | None) -> list[str] | None:
         raise ValueError(f"{missing} not implemented yet; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
     if len(set(knowledge)) != len(knowledge):
         raise ValueError("names a term twice")
+    if not {"gt", "soft"} & set(knowledge):  # else the task head (and the towers' tops) never train, DDP fails
+        raise ValueError("no term on the task outputs: add 'gt' or 'soft' (else the task head never trains)")
     return knowledge
 
 
