@@ -107,7 +107,7 @@ def machine_error(fabric: FabricParams) -> str | None:
     if fabric.precision == "16-mixed":  # accelerator: auto on a machine without a GPU
         return (f"fabric.precision=16-mixed: needs a GPU and {shown} found none here; use '32-true' or 'bf16-mixed' "
                 "on cpu")
-    if fabric.strategy in ("fsdp", "dp"):
+    if fabric.strategy == "dp":
         return f"fabric.strategy={fabric.strategy}: needs a GPU and {shown} found none here; use 'ddp' on cpu"
     cores = cpu_cores()
     if fabric.devices > cores:

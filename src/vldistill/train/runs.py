@@ -125,7 +125,8 @@ def teacher_pretrain(params: Params) -> dict:
                      lambda m: evaluate(m), budget, "neg_loss", ckpt, curve,
                      fingerprint(params.teacher.model_dump(), budget.model_dump(), params.seed, paths.TOKENIZER,
                                  paths.PREPARED / "pretrain"),
-                     params.seed, tracker, head_prefixes=("model.mlm_score", "model.itm_score"))
+                     params.seed, tracker, head_prefixes=("model.mlm_score", "model.itm_score"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
         return _finish(fabric, model, result, paths.model_dir(stage), paths.train_metrics(stage, "pretrain"), ckpt,
@@ -173,7 +174,8 @@ def teacher_finetune(params: Params, task: str) -> dict:
         result = fit(fabric, objective, loader, _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
                      fingerprint(budget.model_dump(), params.seed, negatives, pretrained, paths.PREPARED / task,
                                  params.train.augment.model_dump()),
-                     params.seed, tracker, head_prefixes=("model.classifier", "model.rank_output"))
+                     params.seed, tracker, head_prefixes=("model.classifier", "model.rank_output"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         return _finish(fabric, model, result, paths.model_dir(stage, task), paths.train_metrics(stage, task), ckpt,
                        {}, tracker, curve)
@@ -237,7 +239,8 @@ def distill_pretrain(params: Params) -> dict:
                      fingerprint(recipe.model_dump(), params.student.model_dump(), budget.model_dump(), params.seed,
                                  paths.model_dir("teacher_pretrain"), paths.PREPARED / "pretrain"),
                      params.seed, tracker, head_prefixes=("model.fusion", "model.itm_score", "model.text_proj",
-                                                          "model.image_proj"))
+                                                          "model.image_proj"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage), paths.train_metrics(stage, "pretrain"), ckpt,
                        {}, tracker, curve)
@@ -301,7 +304,8 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
                                  budget.model_dump(), seed, negatives, paths.model_dir("teacher_finetune", task),
                                  paths.model_dir("distill_pretrain"), paths.PREPARED / task,
                                  params.train.augment.model_dump()),
-                     seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"))
+                     seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage, task, variant),
                        paths.train_metrics(stage, task, variant), ckpt,
