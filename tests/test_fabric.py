@@ -1,6 +1,8 @@
 """The one Fabric loop: batch order and sharding (EpochBatches), resume by step, and, end to end on a training stage
 (teacher_finetune@nlvr2, tiny): two DDP processes against one process with accumulation, a SIGKILL mid-epoch
-followed by a rerun, with one process and with two, and the same stage command under torchrun and srun-style tasks."""
+followed by a rerun, with one process and with two, and the same stage command under torchrun and srun-style tasks.
+Every student the same way on two processes: the fusion student with token_nce, distill_pretrain's dual student and
+the dual DiDE student on nlvr2 and retrieval."""
 
 from __future__ import annotations
 
@@ -397,15 +399,14 @@ def _distill_finetune(task: str) -> list[str]:
             "-S", f"train.distill_finetune_tasks.{task}.epochs=1"]
 
 
-def _two_then_one(repo: Path, env: dict, args: list[str], out: str) -> list[tuple[dict, dict, str]]:
+def _two_then_one(repo: Path, env: dict, args: list[str], model: str, metrics: str) -> list[tuple[dict, dict, str]]:
     """``args`` on two DDP processes, then on one (whose model stays in place for the stages after): each run's
-    weights (``<out>/model.safetensors``), metrics file (``metrics/train/<out minus models/>.json``) and console."""
+    weights (``<model>/model.safetensors``), metrics file and console."""
     runs = []
     for processes in (DDP, []):
         shutil.rmtree(repo / "checkpoints", ignore_errors=True)
         console = _run([*args, *processes], repo, env)
-        metrics = repo / "metrics/train" / f"{out.removeprefix('models/')}.json"
-        runs.append((load_file(repo / out / "model.safetensors"), json.loads(metrics.read_text()),
+        runs.append((load_file(repo / model / "model.safetensors"), json.loads((repo / metrics).read_text()),
                      console.stdout + console.stderr))
     return runs
 
@@ -423,7 +424,8 @@ def _assert_two_processes_take_the_steps_of_one(runs: list[tuple[dict, dict, str
 @pytest.fixture(scope="module")
 def distill_pretrain_runs(finetune_repo):
     repo, env, _ = finetune_repo
-    return _two_then_one(repo, env, DISTILL_PRETRAIN, "models/distill_pretrain")
+    return _two_then_one(repo, env, DISTILL_PRETRAIN, "models/distill_pretrain",
+                         "metrics/train/distill_pretrain/pretrain.json")
 
 
 @pytest.mark.slow
@@ -442,7 +444,8 @@ def test_the_dual_student_fine_tunes_under_two_ddp_processes_as_on_one(finetune_
     if not (repo / "models/teacher_finetune" / task / "model.safetensors").is_file():
         _run(["stages/teacher_finetune.py", "--task", task], repo, env)
     args = _distill_finetune(task) + (SAME_DRAWS if task == "retrieval" else [])
-    _assert_two_processes_take_the_steps_of_one(_two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide"))
+    _assert_two_processes_take_the_steps_of_one(_two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide",
+                                                              f"metrics/train/distill_finetune/{task}/dide.json"))
 
 
 # ------------------------------------------------------------------------------ launchers (README, "More than one GPU")

@@ -138,3 +138,11 @@ def stage_errors(stage: str) -> Iterator[None]:
         if err.report:
             print(f"{err.prefix}: {os.environ.get('DVC_STAGE') or stage}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None
+
+
+def print_summary(line: str) -> None:
+    """Print a stage's closing line once: every process of a multi-process run returns the summary, rank 0 prints."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line)
