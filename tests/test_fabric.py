@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from conftest import TINY, tiny_params_text
 from vldistill.config import StageBudget
 from vldistill.data.datasets import EncodedSplit, EpochBatches, Indices
-from vldistill.train.loop import fit
+from vldistill.train.loop import fit, global_batch
 
 
 def _toy_split(n: int, dim: int = 4) -> EncodedSplit:
@@ -119,6 +119,23 @@ def test_each_epoch_has_its_own_order_and_skip_resumes_inside_it():
     assert list(sampler) == first[3:] and len(sampler) == len(first) - 3
     sampler.set_epoch(0)
     assert list(sampler) == first
+
+
+def test_global_batch_names_the_batch_one_process_takes_in_its_place():
+    """``fabric.seed_per_batch`` seeds batch i of rank r by :func:`global_batch`: the same examples' batch of one
+    process accumulating over all ranks, so each batch draws the same whatever the number of processes."""
+    n, b, world, acc = 50, 3, 2, 2
+    single = EpochBatches(n, b, shuffle=True, seed=5, drop_last=True)
+    single.shard(0, 1, acc * world)
+    single.set_epoch(1)
+    one = list(single)
+    for rank in range(world):
+        sampler = EpochBatches(n, b, shuffle=True, seed=5, drop_last=True)
+        sampler.shard(rank, world, acc)
+        sampler.set_epoch(1)
+        for i, batch in enumerate(sampler):
+            assert batch == one[global_batch(i, rank, world, acc)]
+    assert [global_batch(i, 0, 1, 4) for i in range(8)] == list(range(8))
 
 
 def test_sharding_over_processes_needs_drop_last():

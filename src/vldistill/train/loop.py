@@ -161,9 +161,8 @@ def fit(
                 window = state["ranks"][rank]["window"]
             model.train()
             for i, batch in enumerate(epoch_batches, start=skip):
-                if seed_per_batch:  # micro-batch i of this process = micro-batch g of one process's epoch
-                    torch.manual_seed(batch_seed(seed, epoch, (i // accumulate) * accumulate * world
-                                                 + rank * accumulate + i % accumulate))
+                if seed_per_batch:
+                    torch.manual_seed(batch_seed(seed, epoch, global_batch(i, rank, world, accumulate)))
                 is_step = (i + 1) % accumulate == 0
                 with fabric.no_backward_sync(model, enabled=not is_step):
                     terms = model(batch)
@@ -222,6 +221,12 @@ def fit(
     result = FitResult(best_state=best_state, best_epoch=state["best"]["epoch"], best_dev=state["best"]["dev"],
                        history=state["history"], steps=state["step"])
     return result
+
+
+def global_batch(i: int, rank: int, world: int, accumulate: int) -> int:
+    """Which batch of one process's epoch (accumulating ``accumulate × world``) is batch ``i`` of process ``rank``
+    (accumulating ``accumulate``): :class:`EpochBatches` gives rank r the r-th contiguous share of each step."""
+    return (i // accumulate) * accumulate * world + rank * accumulate + i % accumulate
 
 
 def batch_seed(seed: int, epoch: int, index: int) -> int:
