@@ -1,7 +1,7 @@
 """Stage distill_ablation@<variant>-<seed>: one ablation run (vldistill.config.Params.for_ablation), trained by
 vldistill.train.runs.distill_finetune on ablation.task as model <variant>_seed<seed>."""
 
-from vldistill.cli import stage_args, stage_errors
+from vldistill.cli import print_summary, stage_args, stage_errors
 from vldistill.train import runs
 
 
@@ -10,7 +10,7 @@ def main() -> None:
     run_params, model = params.for_ablation(args.variant, args.seed)
     with stage_errors(f"distill_ablation@{args.variant}-{args.seed}"):
         summary = runs.distill_finetune(run_params, params.ablation.task, model)
-    print(f"distill_ablation@{args.variant}-{args.seed} ({params.ablation.task}, model {model}): {summary}")
+    print_summary(f"distill_ablation@{args.variant}-{args.seed} ({params.ablation.task}, model {model}): {summary}")
 
 
 if __name__ == "__main__":

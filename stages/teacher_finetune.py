@@ -1,6 +1,6 @@
 """Stage teacher_finetune@<task>: see vldistill.train.runs.teacher_finetune."""
 
-from vldistill.cli import stage_args, stage_errors
+from vldistill.cli import print_summary, stage_args, stage_errors
 from vldistill.models.hub import check_sources_or_exit
 from vldistill.train import runs
 
@@ -10,7 +10,7 @@ def main() -> None:
     check_sources_or_exit(params.teacher)
     with stage_errors(f"teacher_finetune@{args.task}"):
         summary = runs.teacher_finetune(params, args.task)
-    print(f"teacher_finetune@{args.task}: {summary}")
+    print_summary(f"teacher_finetune@{args.task}: {summary}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ LOAD_TIME = [  # (overrides, fragments of the one error line); the key shown is 
     (["train.retrieval_negatives=16"], ["train.retrieval_negatives=16", "< train.teacher_finetune.batch_size=16"]),
     (["fabric.devices=2", "train.teacher_finetune.effective_batch=16"],
      ["train.teacher_finetune.effective_batch=16", "batch_size x fabric.devices x fabric.num_nodes = 16 x 2 x 1"]),
-    (["fabric.strategy=fsdp"], ["fabric.strategy=fsdp", "needs a GPU", "'ddp'"]),
+    (["fabric.strategy=fsdp"], ["fabric.strategy=fsdp", "not supported", "'ddp'"]),
     (["fabric.precision=16-mixed"], ["fabric.precision=16-mixed", "needs a GPU"]),
     (["data.snli_ve=null"], ["data.snli_ve=null", "'snli_ve' is in tasks", "needs a data source"]),
     (["data.vqa.source=official"], ["data.vqa.root=null", "needs root"]),
@@ -200,7 +200,7 @@ def test_bad_knobs_fail_fast_under_dvc_exp_run(tmp_path):
              ("+distil.layers=last", "unknown key 'distil'"),  # `+`: dvc adds a key params.yaml does not have
              ("train.distill_finetune.lr=-1", "train.distill_finetune.lr=-1"),
              ("student.hidden_size=64", "student.hidden_size=64: must equal teacher.hidden_size=32"),
-             ("fabric.strategy=fsdp", "fabric.strategy=fsdp: needs a GPU")]
+             ("fabric.strategy=fsdp", "fabric.strategy=fsdp: not supported")]
     for knob, fragment in cases:
         start = time.perf_counter()
         out = subprocess.run(["dvc", "exp", "run", "-S", knob], cwd=repo, env=env, capture_output=True, text=True,

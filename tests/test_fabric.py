@@ -1,6 +1,8 @@
 """The one Fabric loop: batch order and sharding (EpochBatches), resume by step, and, end to end on a training stage
 (teacher_finetune@nlvr2, tiny): two DDP processes against one process with accumulation, a SIGKILL mid-epoch
-followed by a rerun, with one process and with two, and the same stage command under torchrun and srun-style tasks."""
+followed by a rerun, with one process and with two, and the same stage command under torchrun and srun-style tasks.
+Every student the same way on two processes: the fusion student with token_nce, distill_pretrain's dual student and
+the dual DiDE student on nlvr2 and retrieval."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader
 from conftest import TINY, tiny_params_text
 from vldistill.config import StageBudget
 from vldistill.data.datasets import EncodedSplit, EpochBatches, Indices
-from vldistill.train.loop import fit
+from vldistill.train.loop import fit, global_batch
 
 
 def _toy_split(n: int, dim: int = 4) -> EncodedSplit:
@@ -117,6 +119,23 @@ def test_each_epoch_has_its_own_order_and_skip_resumes_inside_it():
     assert list(sampler) == first[3:] and len(sampler) == len(first) - 3
     sampler.set_epoch(0)
     assert list(sampler) == first
+
+
+def test_global_batch_names_the_batch_one_process_takes_in_its_place():
+    """``fabric.seed_per_batch`` seeds batch i of rank r by :func:`global_batch`: the same examples' batch of one
+    process accumulating over all ranks, so each batch draws the same whatever the number of processes."""
+    n, b, world, acc = 50, 3, 2, 2
+    single = EpochBatches(n, b, shuffle=True, seed=5, drop_last=True)
+    single.shard(0, 1, acc * world)
+    single.set_epoch(1)
+    one = list(single)
+    for rank in range(world):
+        sampler = EpochBatches(n, b, shuffle=True, seed=5, drop_last=True)
+        sampler.shard(rank, world, acc)
+        sampler.set_epoch(1)
+        for i, batch in enumerate(sampler):
+            assert batch == one[global_batch(i, rank, world, acc)]
+    assert [global_batch(i, 0, 1, 4) for i in range(8)] == list(range(8))
 
 
 def test_sharding_over_processes_needs_drop_last():
@@ -387,6 +406,73 @@ def test_token_nce_under_two_ddp_processes_takes_the_steps_of_one_process(finetu
     assert one.keys() == two.keys()
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------------ every student on two gloo processes
+SAME_DRAWS = ["-S", "fabric.seed_per_batch=true"]
+"""Losses that draw at random (distill_pretrain's masking and ITM negatives, retrieval's hard-negative tie breaks)
+draw the same on any number of processes only with torch reseeded per batch (:func:`vldistill.train.loop.batch_seed`);
+by default each process has its own stream."""
+DISTILL_PRETRAIN = ["stages/distill_pretrain.py", "-S", "train.distill_pretrain.batch_size=4",
+                    "-S", "train.distill_pretrain.effective_batch=8", *SAME_DRAWS]
+"""The dual student's pre-training distillation: 128 tiny caption pairs, 16 optimizer steps of 8."""
+
+
+def _distill_finetune(task: str) -> list[str]:
+    """The main DiDE student (dual, from distill_pretrain) on ``task``, one epoch of optimizer steps of 8 examples:
+    nlvr2 16 steps, retrieval 12."""
+    return ["stages/distill_finetune.py", "--task", task, "--variant", "dide",
+            "-S", "train.distill_finetune.batch_size=4", "-S", "train.distill_finetune.effective_batch=8",
+            "-S", f"train.distill_finetune_tasks.{task}.epochs=1"]
+
+
+def _two_then_one(repo: Path, env: dict, args: list[str], model: str, metrics: str) -> list[tuple[dict, dict, str]]:
+    """``args`` on two DDP processes, then on one (whose model stays in place for the stages after): each run's
+    weights (``<model>/model.safetensors``), metrics file and console."""
+    runs = []
+    for processes in (DDP, []):
+        shutil.rmtree(repo / "checkpoints", ignore_errors=True)
+        console = _run([*args, *processes], repo, env)
+        runs.append((load_file(repo / model / "model.safetensors"), json.loads((repo / metrics).read_text()),
+                     console.stdout + console.stderr))
+    return runs
+
+
+def _assert_two_processes_take_the_steps_of_one(runs: list[tuple[dict, dict, str]]) -> None:
+    """Every weight within atol 1e-5 (the teacher's test above says why), the same steps and best epoch."""
+    (two, two_metrics, console), (one, one_metrics, _) = runs
+    assert "MEMBER: 2/2" in console
+    assert two.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
+    assert two_metrics["steps"] == one_metrics["steps"] > 0 and two_metrics["best_epoch"] == one_metrics["best_epoch"]
+
+
+@pytest.fixture(scope="module")
+def distill_pretrain_runs(finetune_repo):
+    repo, env, _ = finetune_repo
+    return _two_then_one(repo, env, DISTILL_PRETRAIN, "models/distill_pretrain",
+                         "metrics/train/distill_pretrain/pretrain.json")
+
+
+@pytest.mark.slow
+def test_distill_pretrain_under_two_ddp_processes_takes_the_steps_of_one_process(distill_pretrain_runs):
+    """The dual student with ITC, ITM (+ teacher soft labels, cross-modal attention) and MLM: every head is used."""
+    _assert_two_processes_take_the_steps_of_one(distill_pretrain_runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["nlvr2", "retrieval"])
+def test_the_dual_student_fine_tunes_under_two_ddp_processes_as_on_one(finetune_repo, distill_pretrain_runs, task):
+    """The main DiDE student on NLVR2 (task head; its ITM and ITC heads frozen) and on retrieval (ITC; its fusion MLP
+    and ITM head frozen): DDP used to fail at the second step on those heads' missing gradients. NLVR2's loss draws
+    nothing at random and runs on the default streams; retrieval's hard negatives break ties at random."""
+    repo, env, _ = finetune_repo
+    if not (repo / "models/teacher_finetune" / task / "model.safetensors").is_file():
+        _run(["stages/teacher_finetune.py", "--task", task], repo, env)
+    args = _distill_finetune(task) + (SAME_DRAWS if task == "retrieval" else [])
+    _assert_two_processes_take_the_steps_of_one(_two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide",
+                                                              f"metrics/train/distill_finetune/{task}/dide.json"))
 
 
 # ------------------------------------------------------------------------------ launchers (README, "More than one GPU")

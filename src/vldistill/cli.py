@@ -108,7 +108,7 @@ def machine_error(fabric: FabricParams) -> str | None:
     if fabric.precision == "16-mixed":  # accelerator: auto on a machine without a GPU
         return (f"fabric.precision=16-mixed: needs a GPU and {shown} found none here; use '32-true' or 'bf16-mixed' "
                 "on cpu")
-    if fabric.strategy in ("fsdp", "dp"):
+    if fabric.strategy == "dp":
         return f"fabric.strategy={fabric.strategy}: needs a GPU and {shown} found none here; use 'ddp' on cpu"
     cores = cpu_cores()
     if fabric.devices > cores:
@@ -139,3 +139,11 @@ def stage_errors(stage: str) -> Iterator[None]:
         if err.report:
             print(f"{err.prefix}: {os.environ.get('DVC_STAGE') or stage}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None
+
+
+def print_summary(line: str) -> None:
+    """Print a stage's closing line once: every process of a multi-process run returns the summary, rank 0 prints."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line)

@@ -285,6 +285,8 @@ def _check_knowledge(knowledge: list[str] | None) -> list[str] | None:
         raise ValueError(f"{missing} not implemented yet; allowed: {list(IMPLEMENTED_KNOWLEDGE)}")
     if len(set(knowledge)) != len(knowledge):
         raise ValueError("names a term twice")
+    if not {"gt", "soft"} & set(knowledge):  # else the task head (and the towers' tops) never train, DDP fails
+        raise ValueError("no term on the task outputs: add 'gt' or 'soft' (else the task head never trains)")
     return knowledge
 
 
@@ -346,6 +348,9 @@ class FabricParams(Strict):
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "fsdp", "dp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    seed_per_batch: bool = Field(False, description="reseed torch before every batch from its place in the epoch "
+                                 "(vldistill.train.loop.batch_seed): random draws of the losses then do not depend on "
+                                 "the number of processes, and W processes train as one with accumulation")
 
     @model_validator(mode="after")
     def _precision_fits(self):
@@ -354,7 +359,11 @@ class FabricParams(Strict):
         (:func:`vldistill.cli.machine_error`), not here: params are validated the same on every machine."""
         if self.accelerator == "cpu" and self.precision == "16-mixed":
             raise ValueError("precision=16-mixed: needs a GPU; use '32-true' or 'bf16-mixed' on cpu")
-        if self.accelerator == "cpu" and self.strategy in ("fsdp", "dp"):
+        if self.strategy == "fsdp":
+            raise ValueError("strategy=fsdp: not supported (FSDP needs GPUs, so it was never run here, and the dev "
+                             "evaluation calls the student outside FSDP's forward); use 'ddp': a ViLT-B/32 dual "
+                             "student with its AdamW state needs ~3.3 GB, one GPU holds it whole")
+        if self.accelerator == "cpu" and self.strategy == "dp":
             raise ValueError(f"strategy={self.strategy}: needs a GPU accelerator; use 'ddp' (or 'auto') on cpu")
         return self
 

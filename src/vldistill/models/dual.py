@@ -99,6 +99,21 @@ def task_classifier(task: str, fusion_hidden: int, num_outputs: int) -> nn.Modul
     return None
 
 
+HEADS = ("fusion", "classifier", "itm_score", "text_proj", "image_proj", "logit_scale", "mlm_score")
+"""The dual encoder's parts above the two towers (every one of them is a submodule or parameter of that name)."""
+
+HEADS_USED = {
+    "pretrain": ("fusion", "itm_score", "text_proj", "image_proj", "logit_scale", "mlm_score"),
+    "nlvr2": ("fusion", "classifier"),
+    "snli_ve": ("fusion", "classifier"),
+    "vqa": ("fusion", "classifier"),
+    "retrieval": ("text_proj", "image_proj", "logit_scale"),
+}
+"""The heads each task's training loss reads (:mod:`vldistill.train.objectives`: ``dual_pretrain_loss`` scores ITC,
+ITM and MLM; ``dide_loss`` the task logits; ``retrieval_distill_loss`` the ITC similarities). Every recipe has a term
+on those outputs (``gt`` or ``soft``), so what is used depends on the task only; the towers are always used."""
+
+
 class DualEncoder(nn.Module):
     """DiDE dual encoder.
 
@@ -146,6 +161,19 @@ class DualEncoder(nn.Module):
         self.classifier = task_classifier(task, self.fusion_hidden, num_outputs)
         self.mlm_score = None
         return self
+
+    def freeze_unused_heads(self) -> list[str]:
+        """Stop gradients (``requires_grad_(False)``) to the heads :data:`HEADS_USED` says ``self.task``'s loss never
+        reads; return their names.
+
+        DDP all-reduces the gradient of every trainable parameter after each backward and fails at the next step on
+        one that got none (e.g. ``itm_score`` and the ITC projections on NLVR2). Frozen is the same as before for one
+        process: AdamW skips a parameter without a gradient, and the module keeps its weights, initial random streams
+        and saved state dict (the heads stay built, e.g. for a later retrieval use of a classification student)."""
+        frozen = [name for name in HEADS if name not in HEADS_USED[self.task] and getattr(self, name) is not None]
+        for name in frozen:
+            getattr(self, name).requires_grad_(False)
+        return frozen
 
     def encode_text(self, input_ids, attention_mask) -> TowerOutput:
         return self.text(input_ids, attention_mask)

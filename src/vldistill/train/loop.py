@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -98,6 +99,7 @@ def fit(
     seed: int,
     tracker: Tracker | None = None,
     head_prefixes: tuple[str, ...] = (),
+    seed_per_batch: bool = False,
 ) -> FitResult:
     """Train ``model`` for ``budget.epochs`` epochs; keep the state with the best ``evaluate_fn(model)[monitor]``.
 
@@ -109,6 +111,10 @@ def fit(
     :class:`~vldistill.data.datasets.EpochBatches` is sharded here, so W processes take the optimizer steps one
     process takes with the same effective batch. Any other DataLoader gets Fabric's distributed sampler.
     A checkpoint is written every ``budget.checkpoint_every`` optimizer steps (if set) and at every epoch end.
+    ``seed_per_batch`` (``fabric.seed_per_batch``): torch's stream is reseeded before every batch from
+    :func:`batch_seed` (the batch's place in the epoch's global order), so the losses' random draws (masking, ITM
+    negatives, tie breaks, dropout) do not depend on the number of processes or on accumulation; otherwise it is
+    seeded once per epoch and process, and consumed batch after batch.
     """
     ckpt_path = Path(ckpt_dir) / "last.ckpt"
     rank, world = fabric.global_rank, fabric.world_size
@@ -157,6 +163,8 @@ def fit(
                 window = state["ranks"][rank]["window"]
             model.train()
             for i, batch in enumerate(epoch_batches, start=skip):
+                if seed_per_batch:
+                    torch.manual_seed(batch_seed(seed, epoch, global_batch(i, rank, world, accumulate)))
                 is_step = (i + 1) % accumulate == 0
                 with fabric.no_backward_sync(model, enabled=not is_step):
                     terms = model(batch)
@@ -215,6 +223,18 @@ def fit(
     result = FitResult(best_state=best_state, best_epoch=state["best"]["epoch"], best_dev=state["best"]["dev"],
                        history=state["history"], steps=state["step"])
     return result
+
+
+def global_batch(i: int, rank: int, world: int, accumulate: int) -> int:
+    """Which batch of one process's epoch (accumulating ``accumulate × world``) is batch ``i`` of process ``rank``
+    (accumulating ``accumulate``): :class:`EpochBatches` gives rank r the r-th contiguous share of each step."""
+    return (i // accumulate) * accumulate * world + rank * accumulate + i % accumulate
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """The torch seed of micro-batch ``index`` (its place in the epoch's global order, as :class:`EpochBatches`
+    shards it: process r of W takes the r-th contiguous share of each optimizer step's batches) of ``epoch``."""
+    return zlib.crc32(np.array([seed, epoch, index], dtype=np.int64).tobytes())
 
 
 def _step_end_hooks(fabric: Fabric, model: torch.nn.Module) -> Callable[[], None]:

@@ -355,6 +355,44 @@ def dual_pretrain_loss(recipe: DistillParams, layers: list[int], teacher: ViltTe
     return loss_fn
 
 
+# ------------------------------------------------------------------------------- what the distillation stages train
+def trainable(student: nn.Module) -> nn.Module:
+    """``student`` with only what its task's loss reads left trainable: every trainable parameter then gets a gradient
+    at every step, which DDP requires. A dual encoder freezes the heads its task never uses
+    (:meth:`DualEncoder.freeze_unused_heads`); a fusion student carries its task's head only, and uses it."""
+    if isinstance(student, DualEncoder):
+        student.freeze_unused_heads()
+    return student
+
+
+def distill_finetune_objective(recipe: DistillParams, task: str, student: nn.Module, teacher: ViltTeacher,
+                               negatives: int, targets_for: Callable[[list[int]], Callable[[dict], dict] | None]
+                               ) -> Objective:
+    """What ``distill_finetune@<task>`` trains: the :func:`trainable` student, :func:`dide_loss` (classification)
+    or :func:`retrieval_distill_loss`, and the loss's :class:`KnowledgeModules` for the recipe's layer pairs.
+
+    ``targets_for(teacher_layers)`` gives the classification losses their ``teacher_fn`` (a cache or the live
+    teacher; ``None`` for ground truth only); retrieval runs ``teacher`` on each batch's candidates itself."""
+    pairs = distill_pairs(recipe, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    extras = KnowledgeModules(set(recipe.knowledge), pairs, student.config.hidden_size, teacher.config.hidden_size,
+                              recipe.nce.queue_size, recipe.nce.temperature)
+    if task == "retrieval":
+        loss = retrieval_distill_loss(recipe, pairs, teacher, negatives, extras)
+    else:
+        loss = dide_loss(recipe, pairs, targets_for(sorted({t for _, t in pairs})), extras)
+    return Objective(trainable(student), loss, extras)
+
+
+def distill_pretrain_objective(recipe: DistillParams, student: DualEncoder, teacher: ViltTeacher,
+                               masker: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                               ) -> Objective:
+    """What ``distill_pretrain`` trains: the :func:`trainable` dual student (teacher's depth) and
+    :func:`dual_pretrain_loss` at the recipe's layers."""
+    depth = teacher.config.num_hidden_layers
+    layers = [s for s, _ in distill_pairs(recipe, depth, depth)]
+    return Objective(trainable(student), dual_pretrain_loss(recipe, layers, teacher, masker))
+
+
 CACHEABLE = {"gt", "soft", "attn_cross"}
 """Knowledge whose teacher targets are small enough to precompute for a whole split (logits + t2i/i2t maps)."""
 

@@ -23,7 +23,6 @@ from vldistill.data.prepared import read_answers
 from vldistill.evaluate import sharding
 from vldistill.evaluate.metrics import retrieval_scores, split_batches, task_metrics
 from vldistill.io import atomic_dir, write_json
-from vldistill.distill.knowledge import KnowledgeModules
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, vilt_config
@@ -142,7 +141,8 @@ def teacher_pretrain(params: Params) -> dict:
                      lambda m: evaluate(m), budget, "neg_loss", ckpt, curve,
                      fingerprint(params.teacher.model_dump(), budget.model_dump(), params.seed, paths.TOKENIZER,
                                  paths.PREPARED / "pretrain"),
-                     params.seed, tracker, head_prefixes=("model.mlm_score", "model.itm_score"))
+                     params.seed, tracker, head_prefixes=("model.mlm_score", "model.itm_score"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
         return _finish(fabric, model, result, paths.model_dir(stage), paths.train_metrics(stage, "pretrain"), ckpt,
@@ -196,7 +196,8 @@ def teacher_finetune(params: Params, task: str) -> dict:
         result = fit(fabric, objective, loader, _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
                      fingerprint(budget.model_dump(), params.seed, negatives, pretrained, paths.PREPARED / task,
                                  params.train.augment.model_dump()),
-                     params.seed, tracker, head_prefixes=("model.classifier", "model.rank_output"))
+                     params.seed, tracker, head_prefixes=("model.classifier", "model.rank_output"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         return _finish(fabric, model, result, paths.model_dir(stage, task), paths.train_metrics(stage, task), ckpt,
                        {}, tracker, curve)
@@ -243,12 +244,10 @@ def distill_pretrain(params: Params) -> dict:
     teacher = ViltTeacher.load(paths.model_dir("teacher_pretrain")).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
     student = DualEncoder.from_teacher(teacher, params.student.fusion_hidden, task="pretrain")
-    layers = [s for s, _ in objectives.distill_pairs(recipe, teacher.config.num_hidden_layers,
-                                                      teacher.config.num_hidden_layers)]
     special = [tokenizer.convert_tokens_to_ids(t) for t in tok.SPECIAL]
     masker = lambda ids, mask: objectives.mask_tokens(ids, mask, tokenizer.mask_token_id, len(tokenizer),  # noqa: E731
                                                       special)
-    objective = objectives.Objective(student, objectives.dual_pretrain_loss(recipe, layers, teacher, masker))
+    objective = objectives.distill_pretrain_objective(recipe, student, teacher, masker)
 
     def evaluate(obj) -> dict[str, float]:
         """Caption→image and image→caption recall over the dev images (one caption per image), from ITC."""
@@ -262,7 +261,8 @@ def distill_pretrain(params: Params) -> dict:
                      fingerprint(recipe.model_dump(), params.student.model_dump(), budget.model_dump(), params.seed,
                                  paths.model_dir("teacher_pretrain"), paths.PREPARED / "pretrain"),
                      params.seed, tracker, head_prefixes=("model.fusion", "model.itm_score", "model.text_proj",
-                                                          "model.image_proj"))
+                                                          "model.image_proj"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage), paths.train_metrics(stage, "pretrain"), ckpt,
                        {}, tracker, curve)
@@ -311,16 +311,9 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
     teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
     student = _finetune_student(params, variant, task)
-    pairs = objectives.distill_pairs(recipe, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    extras = KnowledgeModules(set(recipe.knowledge), pairs, student.config.hidden_size, teacher.config.hidden_size,
-                              recipe.nce.queue_size, recipe.nce.temperature)
     negatives = params.train.retrieval_negatives
-    if task == "retrieval":
-        loss = objectives.retrieval_distill_loss(recipe, pairs, teacher, negatives, extras)
-    else:
-        loss = objectives.dide_loss(recipe, pairs, _teacher_fn(recipe, teacher, train, sorted({t for _, t in pairs}),
-                                                               fabric.device), extras)
-    objective = objectives.Objective(student, loss, extras)
+    targets_for = lambda layers: _teacher_fn(recipe, teacher, train, layers, fabric.device)  # noqa: E731
+    objective = objectives.distill_finetune_objective(recipe, task, student, teacher, negatives, targets_for)
     ckpt, curve = paths.checkpoint_dir(stage, task, variant), paths.curve_path(stage, task, variant)
     with Tracker(stage, flatten({"seed": seed, "distill": recipe, "student": params.student,
                                  "student_kind": params.student_kind(variant), f"train.{stage}": budget,
@@ -333,7 +326,8 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
                                  budget.model_dump(), seed, negatives, paths.model_dir("teacher_finetune", task),
                                  paths.model_dir("distill_pretrain"), paths.PREPARED / task,
                                  params.train.augment.model_dump()),
-                     seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"))
+                     seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"),
+                     seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
         return _finish(fabric, student, result, paths.model_dir(stage, task, variant),
                        paths.train_metrics(stage, task, variant), ckpt,
