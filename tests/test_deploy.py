@@ -133,3 +133,177 @@ def test_model_card_metadata_comes_from_the_pipeline_files(workspace, exports):
             {(split, k): v for split, values in metrics.items() for k, v in values.items()}
         assert str(read_json(paths.data_metrics(task))["image_store"]["images"]) in text
         assert infos[task] == read_json(dirs[task] / "vldistill.json")
+
+
+# ----------------------------------------------------------------------------------------------- index and queries
+def _index(export_dir: Path, task: str, out: Path, **kw) -> dict:
+    from vldistill.deploy.cli import Export
+    from vldistill.deploy.images import open_source
+    from vldistill.deploy.index import build_index
+
+    export = Export(export_dir)
+    source = open_source(paths.PREPARED / task, export.config.image_size, export.config.pixel_norm, "test")
+    return build_index(export.runner, source, out, model_dir=export_dir, info=export.info, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def indexes(workspace, exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("indexes")
+    dirs, _ = exports
+    for task in TASKS:
+        _index(dirs[task], task, root / task, batch_size=8)
+    return root
+
+
+def test_exact_index_returns_brute_force_top_k_and_evaluations_r1(workspace, exports, indexes):
+    """Searching every test caption: FAISS's top 5 are the 5 best images of the pipeline's own score matrix, and the
+    caption's own image comes first as often as evaluation's IR R@1 says."""
+    from vldistill.deploy.cli import Export
+    from vldistill.deploy.index import ImageIndex
+    from vldistill.evaluate.metrics import gallery, retrieval_scores
+
+    _, params = workspace
+    dirs, _ = exports
+    export, index = Export(dirs["retrieval"]), ImageIndex(indexes / "retrieval")
+    split = load_split(paths.PREPARED, "retrieval", "test", export.tokenizer, params.teacher.max_text_len,
+                       params.teacher.pixel_norm)
+    scores, text_image, groups = retrieval_scores(export.runner.dual, split)
+    rows, keys, _ = gallery(split)
+    assert index.names == [str(k) for k in keys.tolist()]
+    queries = np.concatenate([export.encode_text(split.texts[r])[1] for r in rows])
+    found_scores, found = index.search(queries, 5)
+    best = scores.topk(5, dim=1)
+    cosine = best.values.numpy() / export.runner.dual.logit_scale.exp().item()
+    np.testing.assert_allclose(found_scores, cosine, atol=1e-5)
+    clear = np.diff(-cosine, axis=1) > 1e-5  # ranks not decided by float noise
+    assert (found[:, :-1] == best.indices.numpy()[:, :-1])[clear].all() and found[:, 0].tolist() == \
+        best.indices[:, 0].tolist()
+    described = {(g, i) for g, i in zip(groups.tolist(), text_image.tolist())}
+    hits = np.mean([(g, top) in described for g, top in zip(groups.tolist(), found[:, 0].tolist())])
+    assert hits == pytest.approx(read_json(paths.eval_metrics("retrieval", "dide"))["test"]["ir_r1"])
+
+
+@pytest.mark.parametrize("task", ["snli_ve", "nlvr2"])
+def test_answer_equals_the_pipelines_prediction(workspace, exports, indexes, task):
+    from vldistill.deploy.cli import Export, answer_scores
+    from vldistill.deploy.index import ImageIndex
+    from vldistill.evaluate.predictions import predictions
+
+    _, params = workspace
+    dirs, _ = exports
+    index = ImageIndex(indexes / task)
+    split = load_split(paths.PREPARED, task, "test", tok.load(paths.TOKENIZER), params.teacher.max_text_len,
+                       params.teacher.pixel_norm)
+    expected = predictions(DualEncoder.load(paths.model_dir("distill_finetune", task, "dide")), split, task)
+    columns = ["image_left", "image_right"] if task == "nlvr2" else ["image"]
+    for runtime in ("torch", "onnx"):
+        export = Export(dirs[task], runtime)
+        got = [int(answer_scores(export, index, split.texts[i],
+                                 [str(int(split.columns[c][i])) for c in columns]).argmax()) for i in range(12)]
+        assert got == [p["label"] for p in expected[:12]]
+
+
+def test_interrupted_index_resumes_to_the_same_index(exports, tmp_path, monkeypatch):
+    from vldistill.deploy.onnx_towers import TorchRunner
+
+    dirs, _ = exports
+    whole = _index(dirs["nlvr2"], "nlvr2", tmp_path / "whole", batch_size=4)
+    real, calls = TorchRunner.image, []
+
+    def failing(self, pixels, token_type=1):
+        calls.append(token_type)
+        if len(calls) == 5:  # the third batch's first image pass
+            raise KeyboardInterrupt
+        return real(self, pixels, token_type)
+
+    monkeypatch.setattr(TorchRunner, "image", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _index(dirs["nlvr2"], "nlvr2", tmp_path / "resumed", batch_size=4)
+    assert read_json(tmp_path / "resumed" / "progress.json")["done"] == 8
+    assert not (tmp_path / "resumed" / "index.json").exists()
+    calls.clear()
+    monkeypatch.setattr(TorchRunner, "image", lambda self, *a: calls.append(1) or real(self, *a))
+    resumed = _index(dirs["nlvr2"], "nlvr2", tmp_path / "resumed", batch_size=4)
+    assert len(calls) == 2 * (-(-whole["count"] // 4) - 2)  # only the batches after the first two: two passes each
+    assert {k: v for k, v in resumed.items() if k != "model"} == {k: v for k, v in whole.items() if k != "model"}
+    for name in ("image_embeds.npy", "image_cls.npy", "image2_cls.npy", "index.faiss", "images.csv"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from vldistill.deploy.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_search_and_answer_print_their_results(exports, indexes, capsys):
+    dirs, _ = exports
+    split = read_split(paths.PREPARED, "retrieval", "test")
+    code, out, _ = _cli(capsys, "search", "--index", indexes / "retrieval", split["text"][0], "-k", "3")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["rank", "score", "image"] and len(lines) == 4
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]
+    scores = [float(line.split()[1]) for line in lines[1:]]
+    assert scores == sorted(scores, reverse=True)
+    frame = read_split(paths.PREPARED, "snli_ve", "test")
+    code, out, _ = _cli(capsys, "answer", "--index", indexes / "snli_ve", "--image", frame["image"][0],
+                        frame["text"][0], "--runtime", "onnx")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert code == 0 and {r[1] for r in rows} <= set(frame["label_name"]) and len(rows) == 3
+    assert sum(float(r[0]) for r in rows) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_folder_of_image_files_indexes_like_the_store(exports, tmp_path, capsys):
+    from PIL import Image
+
+    from vldistill.deploy.images import open_source
+
+    dirs, _ = exports
+    store = np.load(paths.PREPARED / "retrieval" / "images.npy")
+    for key in (3, 1, 2):
+        Image.fromarray(store[key]).save(tmp_path / f"img{key}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, out, _ = _cli(capsys, "index", "--model", dirs["retrieval"], "--images", tmp_path, "--out",
+                        tmp_path / "idx")
+    assert code == 0 and "3 images" in out
+    source = open_source(tmp_path, [store.shape[1], store.shape[2]], "unit")
+    assert source.names == ["img1.png", "img2.png", "img3.png"]
+    from vldistill.data.datasets import to_pixels
+    assert torch.equal(source.pixels(0, 3), to_pixels(torch.from_numpy(store[[1, 2, 3]]), "unit"))
+
+
+def test_bad_input_gets_one_line(exports, indexes, tmp_path, capsys):
+    dirs, _ = exports
+    cases = [
+        (("search", "--index", indexes / "retrieval", "   "), "the text is empty"),
+        (("answer", "--index", indexes / "snli_ve", "--image", "no-such-image", "is it red?"), "not in the index"),
+        (("search", "--index", indexes / "retrieval", "a circle", "--model", dirs["snli_ve"]),
+         "not the model the index was built with"),
+        (("answer", "--index", indexes / "nlvr2", "--image", "0", "both are red"), "takes 2 image(s)"),
+        (("answer", "--index", indexes / "retrieval", "--image", "0", "red?"), "no answer head"),
+        (("search", "--index", tmp_path, "a circle"), "not a finished vldistill index"),
+        (("index", "--model", tmp_path, "--images", paths.PREPARED / "retrieval", "--out", tmp_path / "i"),
+         "not a vldistill export"),
+        (("index", "--model", dirs["retrieval"], "--images", tmp_path / "missing", "--out", tmp_path / "i"),
+         "no such directory"),
+        (("index", "--model", dirs["snli_ve"], "--images", paths.PREPARED / "retrieval", "--split", "test",
+          "--out", indexes / "retrieval"), "holds an index of another model"),
+    ]
+    for argv, message in cases:
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (argv, err)
+        assert err.startswith(f"vldistill {argv[0]}: error: ") and message in err, (argv, err)
+
+
+def test_help_names_every_command(capsys):
+    code, out, _ = _cli(capsys, "--help")
+    assert code == 0 and all(command in out for command in ("index", "search", "answer"))
+    code, out, _ = _cli(capsys, "index", "--help")
+    assert code == 0 and "--images" in out and "interrupted" in out
