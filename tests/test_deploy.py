@@ -307,3 +307,37 @@ def test_help_names_every_command(capsys):
     assert code == 0 and all(command in out for command in ("index", "search", "answer"))
     code, out, _ = _cli(capsys, "index", "--help")
     assert code == 0 and "--images" in out and "interrupted" in out
+
+
+# ------------------------------------------------------------------------------------------------------ benchmark
+def test_deploy_benchmark_measures_towers_faiss_and_the_cached_query(tmp_path):
+    """The tiny params' benchmark: every table filled, exact search its own reference, the approximate index's
+    recall a fraction, the query's gain its parts' ratio, the teacher's side marked extrapolated."""
+    from vldistill.bench.deploy import run, summary_lines, synthetic_gallery
+
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(tiny_params_text())
+    params = load(params_path)
+    bench = params.deploy.bench
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run(params, tmp_path / "deploy.json")
+    assert result == read_json(tmp_path / "deploy.json")
+    assert set(result["towers"]) == {"embedded", "paper"} == set(result["query"])
+    for graphs in result["towers"].values():
+        for sizes in graphs.values():
+            assert set(sizes) == {str(b) for b in bench.batch_sizes}
+            assert all(row["onnx_ms"] > 0 and row["speedup"] == pytest.approx(row["torch_ms"] / row["onnx_ms"])
+                       for row in sizes.values())
+    assert set(result["faiss"]) == {str(n) for n in bench.gallery_sizes}
+    for row in result["faiss"].values():
+        assert row["exact"]["recall_at_10"] == 1.0 and 0.0 <= row["approx"]["recall_at_10"] <= 1.0
+        assert row["exact"]["qps"] > 0 and row["approx"]["kind"] == bench.approx
+    query = result["query"]["embedded"]
+    assert query["gallery"] == max(bench.gallery_sizes) and "teacher_s" in query["extrapolated"]
+    assert query["teacher_s"] == pytest.approx(query["gallery"] * query["teacher_pair_ms"] / 1000)
+    assert query["gain_exact"] == pytest.approx(query["teacher_s"] * 1000 / query["dual_exact_ms"])
+    assert len(summary_lines(result)) == 3 + sum(len(s) for g in result["towers"].values() for s in g.values()) \
+        + len(result["faiss"]) + len(result["query"])
+    gallery = synthetic_gallery(500, 16)
+    np.testing.assert_allclose(np.linalg.norm(gallery, axis=1), 1.0, rtol=1e-5)

@@ -71,7 +71,7 @@ def test_every_stage_ran_and_wrote_its_contract_files(repo):
     path, _, first = repo
     assert _stages_run(first.stdout) == {
         "prepare@pretrain", *(f"prepare@{task}" for task in TASKS), "tokenizer", "teacher_pretrain",
-        *(f"teacher_finetune@{task}" for task in TASKS), *DISTILL_DOWNSTREAM}
+        *(f"teacher_finetune@{task}" for task in TASKS), *DISTILL_DOWNSTREAM, "deploy_benchmark"}
     for model in ("teacher", "dual_gt", "dide"):
         scores = json.loads((path / f"metrics/eval/nlvr2/{model}.json").read_text())
         for split in ("dev", "test"):
@@ -121,7 +121,7 @@ def test_mlflow_has_one_run_per_stage_execution(repo):
         metrics = db.execute("select count(*) from metrics").fetchone()[0]
     assert sorted(stages) == sorted(["prepare"] * 5 + ["tokenizer", "teacher_pretrain"] + ["teacher_finetune"] * 4
                                     + ["distill_pretrain"] + ["distill_finetune"] * (len(TINY_RUNS) + len(ABLATION_STAGES))
-                                    + ["evaluate"] * 4 + ["export"] * 4 + ["benchmark", "report"])
+                                    + ["evaluate"] * 4 + ["export"] * 4 + ["benchmark", "deploy_benchmark", "report"])
     assert params > 50 and metrics > 20
 
 

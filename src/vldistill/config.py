@@ -546,7 +546,7 @@ class DeployBenchParams(Strict):
     dim: int = Field(128, ge=8, description="embedding width of the synthetic galleries")
     queries: int = Field(200, ge=10, description="queries per FAISS measurement (recall@10 and queries/s)")
     approx: Literal["ivf", "hnsw"] = "ivf"
-    ivf_lists: int | None = Field(None, ge=1, description="IVF cells (null: 4*sqrt(N))")
+    ivf_lists: int | None = Field(None, ge=1, description="IVF cells (null: sqrt(N))")
     ivf_probe: int = Field(16, ge=1, description="IVF cells visited per query")
     hnsw_m: int = Field(16, ge=4, description="HNSW neighbours per node")
     hnsw_ef_search: int = Field(64, ge=10, description="HNSW candidate list while searching")
