@@ -321,8 +321,8 @@ def test_deploy_benchmark_measures_towers_faiss_and_the_cached_query(tmp_path):
     bench = params.deploy.bench
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = run(params, tmp_path / "deploy.json")
-    assert result == read_json(tmp_path / "deploy.json")
+        result = run(params, tmp_path / "bench" / "deploy.json")
+    assert result == read_json(tmp_path / "bench" / "deploy.json")
     assert set(result["towers"]) == {"embedded", "paper"} == set(result["query"])
     for graphs in result["towers"].values():
         for sizes in graphs.values():
@@ -341,3 +341,27 @@ def test_deploy_benchmark_measures_towers_faiss_and_the_cached_query(tmp_path):
         + len(result["faiss"]) + len(result["query"])
     gallery = synthetic_gallery(500, 16)
     np.testing.assert_allclose(np.linalg.norm(gallery, axis=1), 1.0, rtol=1e-5)
+
+
+def test_deploy_report_tables_and_figure_read_the_benchmark_file(tmp_path):
+    from vldistill.report import figures, tables
+
+    row = {"torch_ms": 2.0, "onnx_ms": 0.5, "speedup": 4.0}
+    faiss_row = {"memory_mb": 4.0, "exact": {"kind": "flat", "build_s": 0.01, "qps": 900.0, "recall_at_10": 1.0},
+                 "approx": {"kind": "ivf", "build_s": 0.2, "qps": 9000.0, "recall_at_10": 0.875}}
+    query = {"gallery": 1_000_000, "tokenise_ms": 0.1, "text_torch_ms": 2.0, "text_onnx_ms": 0.5,
+             "search_exact_ms": 30.0, "search_approx_ms": 0.4, "teacher_pair_ms": 3.0, "teacher_s": 3000.0,
+             "dual_exact_ms": 30.6, "dual_approx_ms": 1.0, "gain_exact": 98039.2, "gain_approx": 3e6,
+             "extrapolated": ["teacher_s", "search_exact_ms"]}
+    bench = {"towers": {"embedded": {g: {"1": row, "32": row} for g in ("text", "image", "head")}},
+             "faiss": {"10000": faiss_row, "100000": faiss_row}, "query": {"paper": query}}
+    write_json(tmp_path / "bench" / "deploy.json", bench)
+    built = tables.deploy_tables(tmp_path)
+    assert len(built["towers"]) == 6 and (built["towers"]["speed-up"] == "4.0×").all()
+    assert list(built["faiss"]["gallery"]) == ["10,000", "100,000"] and (built["faiss"]["ivf recall@10"] == "0.875").all()
+    q = built["query"].iloc[0]
+    assert q["teacher s"] == "3,000*" and q["exact search ms"] == "30.00*" and q["approx search ms"] == "0.40"
+    out = figures.plot_deploy(bench, tmp_path / "figures" / "deploy.png")
+    assert out.stat().st_size > 10_000
+    (tmp_path / "bench" / "deploy.json").unlink()
+    assert tables.deploy_tables(tmp_path)["faiss"].index[0].startswith("missing: ")
