@@ -281,6 +281,9 @@ def test_folder_of_image_files_indexes_like_the_store(exports, tmp_path, capsys)
 
 def test_bad_input_gets_one_line(exports, indexes, tmp_path, capsys):
     dirs, _ = exports
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     cases = [
         (("search", "--index", indexes / "retrieval", "   "), "the text is empty"),
         (("answer", "--index", indexes / "snli_ve", "--image", "no-such-image", "is it red?"), "not in the index"),
@@ -293,6 +296,7 @@ def test_bad_input_gets_one_line(exports, indexes, tmp_path, capsys):
          "not a vldistill export"),
         (("index", "--model", dirs["retrieval"], "--images", tmp_path / "missing", "--out", tmp_path / "i"),
          "no such directory"),
+        (("index", "--model", dirs["retrieval"], "--images", broken, "--out", tmp_path / "i"), "cannot decode image"),
         (("index", "--model", dirs["snli_ve"], "--images", paths.PREPARED / "retrieval", "--split", "test",
           "--out", indexes / "retrieval"), "holds an index of another model"),
     ]

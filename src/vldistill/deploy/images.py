@@ -2,7 +2,7 @@
 
 Either way a source is a list of ``names`` (the folder's files by relative path, sorted; a prepared store's keys as
 decimal strings) and :meth:`pixels`, a batch of them as the model's input ``(B, 3, H, W)``: decoded, converted to
-RGB, resized to the size the model was trained at and normalised as in training
+RGB, fitted into the size the model was trained at as ``prepare`` fits images, and normalised as in training
 (:func:`vldistill.data.datasets.to_pixels`).
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vldistill.data.datasets import to_pixels
+from vldistill.data.official import load_image
 from vldistill.data.prepared import read_images, read_split, store_path
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -37,16 +38,13 @@ class ImageSource:
 
 
 def folder(path: str | Path, image_size: list[int], pixel_norm: str) -> ImageSource:
-    """Every image file under ``path`` (recursively, by :data:`EXTENSIONS`), named by its path relative to it."""
-    from PIL import Image
-
+    """Every image file under ``path`` (recursively, by :data:`EXTENSIONS`), named by its path relative to it, fitted
+    as ``prepare`` fits official images (:func:`vldistill.data.official.load_image`: aspect kept, padded)."""
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
-    height, width = image_size
 
     def load(i: int) -> np.ndarray:
-        with Image.open(files[i]) as image:
-            return np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR))
+        return load_image(files[i], tuple(image_size))
 
     if not files:
         raise ValueError(f"--images {path}: no image files ({', '.join(EXTENSIONS)}) in it")

@@ -87,7 +87,8 @@ def build_index(runner, source: ImageSource, out: str | Path, *, model_dir: str 
             arrays[name] = np.load(path, mmap_mode="r+")
         else:
             arrays[name] = None  # created with the first batch, once the width is known
-    with tqdm(total=len(source), initial=done, unit="img", desc="index", disable=not progress) as bar:
+    with tqdm(total=len(source), initial=done, unit="img", desc="index",
+              disable=None if progress else True) as bar:  # None: a bar on a terminal only
         for start in range(done, len(source), batch_size):
             stop = min(start + batch_size, len(source))
             pixels = source.pixels(start, stop).numpy()
