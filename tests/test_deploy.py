@@ -21,7 +21,7 @@ from vldistill import paths
 from vldistill.config import load
 from vldistill.data import tokenizer as tok
 from vldistill.data.datasets import load_split
-from vldistill.data.prepared import prepare, read_split
+from vldistill.data.prepared import prepare, read_answers, read_split
 from vldistill.evaluate.metrics import task_metrics
 from vldistill.io import read_json, write_json
 from vldistill.models.dual import DualEncoder
@@ -29,7 +29,7 @@ from vldistill.models.teacher import vilt_config
 
 from conftest import tiny_params_text
 
-TASKS = {"retrieval": 1, "snli_ve": 3, "nlvr2": 2}
+TASKS = {"retrieval": 1, "snli_ve": 3, "nlvr2": 2, "vqa": None}  # task → head width (VQA: its answers)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def workspace(tmp_path_factory):
     config = vilt_config(params.teacher, image_size, len(tokenizer))
     torch.manual_seed(0)
     for task, outputs in TASKS.items():
+        outputs = outputs or len(read_answers(paths.PREPARED, task))
         student = DualEncoder(config, params.student.fusion_hidden, task=task, num_outputs=outputs).eval()
         student.save(paths.model_dir("distill_finetune", task, "dide"))
         split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len,
@@ -93,6 +94,8 @@ def test_export_round_trips_through_from_pretrained(workspace, exports):
     snli = DualEncoderModel.from_pretrained(str(dirs["snli_ve"])).config.id2label
     frame = read_split(paths.PREPARED, "snli_ve", "test")
     assert all(snli[label] == name for label, name in zip(frame["label"], frame["label_name"]))
+    vqa = DualEncoderModel.from_pretrained(str(dirs["vqa"])).config.id2label
+    assert [vqa[i] for i in range(len(vqa))] == read_answers(paths.PREPARED, "vqa")
 
 
 def test_onnx_graphs_match_pytorch_on_prepared_examples(workspace, exports):
@@ -183,7 +186,7 @@ def test_exact_index_returns_brute_force_top_k_and_evaluations_r1(workspace, exp
     assert hits == pytest.approx(read_json(paths.eval_metrics("retrieval", "dide"))["test"]["ir_r1"])
 
 
-@pytest.mark.parametrize("task", ["snli_ve", "nlvr2"])
+@pytest.mark.parametrize("task", ["snli_ve", "nlvr2", "vqa"])
 def test_answer_equals_the_pipelines_prediction(workspace, exports, indexes, task):
     from vldistill.deploy.cli import Export, answer_scores
     from vldistill.deploy.index import ImageIndex
@@ -194,13 +197,21 @@ def test_answer_equals_the_pipelines_prediction(workspace, exports, indexes, tas
     index = ImageIndex(indexes / task)
     split = load_split(paths.PREPARED, task, "test", tok.load(paths.TOKENIZER), params.teacher.max_text_len,
                        params.teacher.pixel_norm)
-    expected = predictions(DualEncoder.load(paths.model_dir("distill_finetune", task, "dide")), split, task)
+    student = DualEncoder.load(paths.model_dir("distill_finetune", task, "dide"))
+    if task == "vqa":
+        vqa = {"question_ids": read_split(paths.PREPARED, task, "test")["question_id"].tolist(),
+               "answers": read_answers(paths.PREPARED, task)}
+        expected = [p["answer"] for p in predictions(student, split, task, **vqa)]
+    else:
+        expected = [p["label"] for p in predictions(student, split, task)]
     columns = ["image_left", "image_right"] if task == "nlvr2" else ["image"]
     for runtime in ("torch", "onnx"):
         export = Export(dirs[task], runtime)
         got = [int(answer_scores(export, index, split.texts[i],
                                  [str(int(split.columns[c][i])) for c in columns]).argmax()) for i in range(12)]
-        assert got == [p["label"] for p in expected[:12]]
+        if task == "vqa":
+            got = [export.config.id2label[a] for a in got]
+        assert got == expected[:12]
 
 
 def test_interrupted_index_resumes_to_the_same_index(exports, tmp_path, monkeypatch):
