@@ -239,6 +239,10 @@ def test_interrupted_index_resumes_to_the_same_index(exports, tmp_path, monkeypa
     assert {k: v for k, v in resumed.items() if k != "model"} == {k: v for k, v in whole.items() if k != "model"}
     for name in ("image_embeds.npy", "image_cls.npy", "image2_cls.npy", "index.faiss", "images.csv"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    calls.clear()  # a finished index asked for another FAISS kind: no image is encoded again
+    assert _index(dirs["nlvr2"], "nlvr2", tmp_path / "resumed", batch_size=4, kind="hnsw")["faiss"] == "hnsw"
+    assert not calls and (tmp_path / "whole" / "index.faiss").read_bytes() != \
+        (tmp_path / "resumed" / "index.faiss").read_bytes()
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:

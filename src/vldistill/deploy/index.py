@@ -66,8 +66,9 @@ def _arrays(task: str) -> list[str]:
 def build_index(runner, source: ImageSource, out: str | Path, *, model_dir: str | Path, info: dict,
                 batch_size: int = 64, kind: str = "flat", progress: bool = True) -> dict:
     """Encode every image of ``source`` with ``runner`` (:class:`~vldistill.deploy.onnx_towers.TorchRunner` or
-    ``OnnxRunner``) into ``out``; continues an interrupted build of the same model, images and batch size. Returns
-    ``index.json``. ``info`` is the export's ``vldistill.json`` (fingerprint, task)."""
+    ``OnnxRunner``) into ``out``; continues an interrupted build of the same model, images and batch size, and only
+    rebuilds the FAISS index when a finished one of another ``kind`` is there. Returns ``index.json``. ``info`` is
+    the export's ``vldistill.json`` (fingerprint, task)."""
     import faiss
 
     if kind not in KINDS:
@@ -76,8 +77,14 @@ def build_index(runner, source: ImageSource, out: str | Path, *, model_dir: str 
     want = {"fingerprint": info["fingerprint"], "names": names_digest(source.names), "batch_size": batch_size,
             "count": len(source)}
     done = _resume_point(out, want)
-    if done is None:  # already complete for this model and these images
-        return read_json(out / "index.json")
+    if done is None:  # already complete for this model and these images: at most another FAISS index to build
+        meta = read_json(out / "index.json")
+        if meta["faiss"] != kind:
+            embeds = np.load(out / "image_embeds.npy")
+            faiss.write_index(faiss_index(embeds, kind), str(out / "index.faiss"))
+            meta["faiss"] = kind
+            write_json(out / "index.json", meta)
+        return meta
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"row": range(len(source)), "name": source.names}).to_csv(out / "images.csv", index=False)
     arrays = {}
