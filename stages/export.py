@@ -3,12 +3,18 @@ tokenizer, model card, ONNX text tower, image tower and fusion head, checked aga
 
 from vldistill.cli import stage_args
 from vldistill.config import flatten
-from vldistill.deploy.run import EXPORTS, export_task
+from vldistill.deploy.run import EXPORTS, dual_variants, export_task
 from vldistill.train.tracking import Tracker
 
 
+def no_dual_student(args, params) -> str | None:
+    if not dual_variants(params, args.task):
+        return f"--task {args.task}: no dual-encoder student of runs is trained on it; nothing to export"
+    return None
+
+
 def main() -> None:
-    args, params = stage_args(__doc__, task=True)
+    args, params = stage_args(__doc__, task=True, check=no_dual_student)
     with Tracker("export", flatten({"deploy.export": params.deploy.export}), task=args.task) as tracker:
         written = export_task(params, args.task)
         for variant, info in written.items():

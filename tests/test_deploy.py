@@ -384,3 +384,14 @@ def test_deploy_report_tables_and_figure_read_the_benchmark_file(tmp_path):
     assert out.stat().st_size > 10_000
     (tmp_path / "bench" / "deploy.json").unlink()
     assert tables.deploy_tables(tmp_path)["faiss"].index[0].startswith("missing: ")
+
+
+def test_export_stage_refuses_a_task_without_a_dual_student_in_one_line(workspace, python):
+    import subprocess
+
+    from conftest import ROOT
+
+    done = subprocess.run([python, str(ROOT / "stages/export.py"), "--task", "pretrain"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --task pretrain: no dual-encoder student of runs is trained on it; nothing to export"]
