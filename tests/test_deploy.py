@@ -27,7 +27,7 @@ from vldistill.io import read_json, write_json
 from vldistill.models.dual import DualEncoder
 from vldistill.models.teacher import vilt_config
 
-from conftest import tiny_params_text
+from conftest import ROOT, tiny_params_text
 
 TASKS = {"retrieval": 1, "snli_ve": 3, "nlvr2": 2, "vqa": None}  # task → head width (VQA: its answers)
 
@@ -278,6 +278,7 @@ def test_cli_search_and_answer_print_their_results(exports, indexes, capsys):
 def test_folder_of_image_files_indexes_like_the_store(exports, tmp_path, capsys):
     from PIL import Image
 
+    from vldistill.data.datasets import to_pixels
     from vldistill.deploy.images import open_source
 
     dirs, _ = exports
@@ -290,7 +291,6 @@ def test_folder_of_image_files_indexes_like_the_store(exports, tmp_path, capsys)
     assert code == 0 and "3 images" in out
     source = open_source(tmp_path, [store.shape[1], store.shape[2]], "unit")
     assert source.names == ["img1.png", "img2.png", "img3.png"]
-    from vldistill.data.datasets import to_pixels
     assert torch.equal(source.pixels(0, 3), to_pixels(torch.from_numpy(store[[1, 2, 3]]), "unit"))
 
 
@@ -377,7 +377,8 @@ def test_deploy_report_tables_and_figure_read_the_benchmark_file(tmp_path):
     write_json(tmp_path / "bench" / "deploy.json", bench)
     built = tables.deploy_tables(tmp_path)
     assert len(built["towers"]) == 6 and (built["towers"]["speed-up"] == "4.0×").all()
-    assert list(built["faiss"]["gallery"]) == ["10,000", "100,000"] and (built["faiss"]["ivf recall@10"] == "0.875").all()
+    assert list(built["faiss"]["gallery"]) == ["10,000", "100,000"]
+    assert (built["faiss"]["ivf recall@10"] == "0.875").all()
     q = built["query"].iloc[0]
     assert q["teacher s"] == "3,000*" and q["exact search ms"] == "30.00*" and q["approx search ms"] == "0.40"
     out = figures.plot_deploy(bench, tmp_path / "figures" / "deploy.png")
@@ -388,8 +389,6 @@ def test_deploy_report_tables_and_figure_read_the_benchmark_file(tmp_path):
 
 def test_export_stage_refuses_a_task_without_a_dual_student_in_one_line(workspace, python):
     import subprocess
-
-    from conftest import ROOT
 
     done = subprocess.run([python, str(ROOT / "stages/export.py"), "--task", "pretrain"], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
