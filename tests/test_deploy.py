@@ -372,11 +372,13 @@ def test_deploy_report_tables_and_figure_read_the_benchmark_file(tmp_path):
              "search_exact_ms": 30.0, "search_approx_ms": 0.4, "teacher_pair_ms": 3.0, "teacher_s": 3000.0,
              "dual_exact_ms": 30.6, "dual_approx_ms": 1.0, "gain_exact": 98039.2, "gain_approx": 3e6,
              "extrapolated": ["teacher_s", "search_exact_ms"]}
-    bench = {"towers": {"embedded": {g: {"1": row, "32": row} for g in ("text", "image", "head")}},
+    bench = {"towers": {"embedded": {g: {"4": row, "32": row} for g in ("head", "image", "text")}},
              "faiss": {"10000": faiss_row, "100000": faiss_row}, "query": {"paper": query}}
     write_json(tmp_path / "bench" / "deploy.json", bench)
     built = tables.deploy_tables(tmp_path)
     assert len(built["towers"]) == 6 and (built["towers"]["speed-up"] == "4.0×").all()
+    assert list(zip(built["towers"]["graph"], built["towers"]["batch"])) == [
+        (g, b) for g in ("text", "image", "head") for b in ("4", "32")]
     assert list(built["faiss"]["gallery"]) == ["10,000", "100,000"]
     assert (built["faiss"]["ivf recall@10"] == "0.875").all()
     q = built["query"].iloc[0]

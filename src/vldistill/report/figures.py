@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from vldistill.io import save_figure
+from vldistill.report.tables import deploy_rows
 
 MODEL_COLOURS = {"teacher": "tab:red", "dual": "tab:blue", "dual_cached": "tab:green"}
 MODEL_NAMES = {"teacher": "ViLT teacher", "dual": "dual encoder", "dual_cached": "dual, images cached"}
@@ -114,13 +115,13 @@ def plot_deploy(bench: dict, out: str | Path) -> Path:
     the gallery size (log–log), the approximate index's recall@10 written at each point."""
     plt = _pyplot()
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2))
-    groups = [(scale, graph, size) for scale, graphs in bench["towers"].items() for graph, sizes in graphs.items()
-              for size in sizes]
+    groups = [(scale, graph, size) for scale, graph, size, _ in deploy_rows(bench)]
     for i, (runtime, colour) in enumerate((("torch", "tab:red"), ("onnx", "tab:blue"))):
         values = [bench["towers"][s][g][b][f"{runtime}_ms"] for s, g, b in groups]
         bars.bar([x + (i - 0.5) * 0.4 for x in range(len(groups))], values, 0.4, color=colour,
                  label={"torch": "PyTorch eager", "onnx": "onnxruntime"}[runtime])
-    bars.set_xticks(range(len(groups)), [f"{s}\n{g} b{b}" for s, g, b in groups], fontsize=7)
+    bars.set_xticks(range(len(groups)), [f"{s} {g} b{b}" for s, g, b in groups], fontsize=7, rotation=55,
+                    ha="right")
     bars.set_yscale("log")
     bars.set(ylabel="ms per example (median)", title="towers and fusion head")
     bars.legend(fontsize=8)
