@@ -14,6 +14,7 @@ axes; the image size is the one the model was trained at. Exported with torch's 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,11 @@ def export_onnx(dual: DualEncoder, out: str | Path, image_size: list[int], text_
     d = dual.config.hidden_size
     ids = torch.full((2, text_len), 5, dtype=torch.long)
     batch, text = {0: "batch"}, {0: "batch", 1: "text_len"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer notes that the image tower's shape checks (channels, patch grid) are frozen: the image size is
+        # fixed by design; and that this exporter is the TorchScript one, chosen above
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(TextGraph(dual), (ids, torch.ones_like(ids)), str(out / FILES["text"]), dynamo=False,
                           input_names=["input_ids", "attention_mask"], output_names=["text_cls", "text_embeds"],
                           dynamic_axes={"input_ids": text, "attention_mask": text, "text_cls": batch,
