@@ -28,6 +28,8 @@ TINY = {
                         "architecture": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
                                          "patch_size": 16, "image_size": [32, 48], "text_len": 8, "vocab_size": 120,
                                          "vqa_answers": 7, "fusion_hidden": 32}}},
+    "deploy": {"bench": {"batch_sizes": [1, 4], "warmup": 1, "min_repeats": 2, "max_repeats": 3,
+                         "gallery_sizes": [1000, 3000], "dim": 32, "queries": 20}},
 }
 
 

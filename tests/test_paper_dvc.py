@@ -27,7 +27,8 @@ def _paper_stages(runs: list[str], ablation: list[str], seeds: list[int]) -> set
     return {"prepare@pretrain", *(f"prepare@{t}" for t in PAPER_TASKS), "tokenizer", "teacher_pretrain",
             *(f"teacher_finetune@{t}" for t in PAPER_TASKS), "distill_pretrain",
             *(f"distill_finetune@{r}" for r in runs), *(f"distill_ablation@{v}-{s}" for v in ablation for s in seeds),
-            *(f"evaluate@{t}" for t in PAPER_TASKS), "benchmark", "report"}
+            *(f"evaluate@{t}" for t in PAPER_TASKS), *(f"export@{t}" for t in PAPER_TASKS), "benchmark",
+            "deploy_benchmark", "report"}
 
 
 @pytest.fixture(scope="module")

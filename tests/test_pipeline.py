@@ -23,7 +23,8 @@ TOP_LEVEL_GENERATED = {".venv", ".git", "data", "models", "metrics", "plots", "c
                        ".pytest_cache", "dvc.lock"}
 TASKS = ("nlvr2", "snli_ve", "vqa", "retrieval")
 DISTILL_DOWNSTREAM = {"distill_pretrain", *(f"distill_finetune@{run}" for run in TINY_RUNS), *ABLATION_STAGES,
-                      *(f"evaluate@{task}" for task in TASKS), "benchmark", "report"}
+                      *(f"evaluate@{task}" for task in TASKS), *(f"export@{task}" for task in TASKS), "benchmark",
+                      "report"}
 
 
 def _copy_repo(dest: Path) -> None:
@@ -70,7 +71,7 @@ def test_every_stage_ran_and_wrote_its_contract_files(repo):
     path, _, first = repo
     assert _stages_run(first.stdout) == {
         "prepare@pretrain", *(f"prepare@{task}" for task in TASKS), "tokenizer", "teacher_pretrain",
-        *(f"teacher_finetune@{task}" for task in TASKS), *DISTILL_DOWNSTREAM}
+        *(f"teacher_finetune@{task}" for task in TASKS), *DISTILL_DOWNSTREAM, "deploy_benchmark"}
     for model in ("teacher", "dual_gt", "dide"):
         scores = json.loads((path / f"metrics/eval/nlvr2/{model}.json").read_text())
         for split in ("dev", "test"):
@@ -120,7 +121,7 @@ def test_mlflow_has_one_run_per_stage_execution(repo):
         metrics = db.execute("select count(*) from metrics").fetchone()[0]
     assert sorted(stages) == sorted(["prepare"] * 5 + ["tokenizer", "teacher_pretrain"] + ["teacher_finetune"] * 4
                                     + ["distill_pretrain"] + ["distill_finetune"] * (len(TINY_RUNS) + len(ABLATION_STAGES))
-                                    + ["evaluate"] * 4 + ["benchmark", "report"])
+                                    + ["evaluate"] * 4 + ["export"] * 4 + ["benchmark", "deploy_benchmark", "report"])
     assert params > 50 and metrics > 20
 
 

@@ -575,6 +575,50 @@ class ReportParams(Strict):
         return seeds
 
 
+class ExportParams(Strict):
+    """``export@<task>``: the HF-format directory and the ONNX graphs of each trained dual student."""
+
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graphs")
+    atol: float = Field(1e-4, gt=0, description="largest |onnxruntime - PyTorch| accepted on the parity batch")
+    parity_examples: int = Field(8, ge=2, description="test examples the exported graphs are checked on")
+
+
+class DeployBenchParams(Strict):
+    """``deploy_benchmark`` (``metrics/bench/deploy.json``): onnxruntime vs PyTorch eager per tower at the embedded
+    and (``paper``) ViLT-B/32 size, FAISS exact vs approximate search over synthetic galleries, end-to-end query."""
+
+    batch_sizes: list[int] = [1, 32]
+    warmup: int = Field(2, ge=0, description="untimed calls before every measurement")
+    min_repeats: int = Field(3, ge=1)
+    max_repeats: int = Field(20, ge=1)
+    rel_tol: float = Field(0.05, gt=0, description="stop repeating once the median moves less than this")
+    max_seconds: float | None = Field(5.0, gt=0, description="stop repeating once the timed calls add up to this")
+    threads: int = Field(1, ge=1, description="torch, onnxruntime and FAISS threads while timing")
+    paper: bool = Field(True, description="also time the towers at bench.paper.architecture (random weights)")
+    gallery_sizes: list[int] = Field([10_000, 100_000, 1_000_000], description="synthetic FAISS gallery sizes")
+    dim: int = Field(128, ge=8, description="embedding width of the synthetic galleries")
+    queries: int = Field(200, ge=10, description="queries per FAISS measurement (recall@10 and queries/s)")
+    approx: Literal["ivf", "hnsw"] = "ivf"
+    ivf_lists: int | None = Field(None, ge=1, description="IVF cells (null: sqrt(N))")
+    ivf_probe: int = Field(16, ge=1, description="IVF cells visited per query")
+    hnsw_m: int = Field(16, ge=4, description="HNSW neighbours per node")
+    hnsw_ef_search: int = Field(64, ge=10, description="HNSW candidate list while searching")
+
+    _valid = model_validator(mode="after")(_check_timing)
+
+    @field_validator("gallery_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[int]) -> list[int]:
+        if not sizes or min(sizes) < 100:
+            raise ValueError(f"gallery_sizes={sizes}: must be a non-empty list of sizes >= 100")
+        return sizes
+
+
+class DeployParams(Strict):
+    export: ExportParams = ExportParams()
+    bench: DeployBenchParams = DeployBenchParams()
+
+
 class Params(Strict):
     seed: int = Field(0, ge=0)
     tasks: list[Literal[TASKS]] = ["nlvr2"]
@@ -592,6 +636,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     ablation: AblationParams = AblationParams()
     report: ReportParams = ReportParams()
+    deploy: DeployParams = DeployParams()
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from vldistill.io import save_figure
+from vldistill.report.tables import deploy_rows
 
 MODEL_COLOURS = {"teacher": "tab:red", "dual": "tab:blue", "dual_cached": "tab:green"}
 MODEL_NAMES = {"teacher": "ViLT teacher", "dual": "dual encoder", "dual_cached": "dual, images cached"}
@@ -104,5 +105,39 @@ def plot_ablation_curves(plots_dir: str | Path, task: str, variants: list[str], 
     ax.set(xlabel="optimizer step", ylabel=f"dev {metric} (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_deploy(bench: dict, out: str | Path) -> Path:
+    """Two panels from ``metrics/bench/deploy.json``: ms per example of each graph on PyTorch vs onnxruntime
+    (log scale; one group per scale, graph and batch), and queries/s of exact vs approximate FAISS search against
+    the gallery size (log–log), the approximate index's recall@10 written at each point."""
+    plt = _pyplot()
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2))
+    groups = [(scale, graph, size) for scale, graph, size, _ in deploy_rows(bench)]
+    for i, (runtime, colour) in enumerate((("torch", "tab:red"), ("onnx", "tab:blue"))):
+        values = [bench["towers"][s][g][b][f"{runtime}_ms"] for s, g, b in groups]
+        bars.bar([x + (i - 0.5) * 0.4 for x in range(len(groups))], values, 0.4, color=colour,
+                 label={"torch": "PyTorch eager", "onnx": "onnxruntime"}[runtime])
+    bars.set_xticks(range(len(groups)), [f"{s} {g} b{b}" for s, g, b in groups], fontsize=7, rotation=55,
+                    ha="right")
+    bars.set_yscale("log")
+    bars.set(ylabel="ms per example (median)", title="towers and fusion head")
+    bars.legend(fontsize=8)
+    sizes = sorted(bench["faiss"], key=int)
+    n = [int(s) for s in sizes]
+    for way, colour in (("exact", "tab:gray"), ("approx", "tab:green")):
+        kind = bench["faiss"][sizes[0]][way]["kind"]
+        lines.plot(n, [bench["faiss"][s][way]["qps"] for s in sizes], "o-", color=colour, label=f"{way} ({kind})")
+    for x, s in zip(n, sizes):
+        lines.annotate(f"R@10 {bench['faiss'][s]['approx']['recall_at_10']:.2f}",
+                       (x, bench["faiss"][s]["approx"]["qps"]), textcoords="offset points", xytext=(0, 5),
+                       ha="center", fontsize=8)
+    lines.set(xscale="log", yscale="log", xlabel="gallery size N", ylabel="queries / s",
+              title="FAISS search over synthetic galleries")
+    lines.legend(fontsize=8)
+    for ax in (bars, lines):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, out)

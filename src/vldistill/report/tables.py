@@ -316,3 +316,46 @@ def retrieval_cost_table(metrics_dir: str | Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame([{"scale": f"no sizes in {path}"}]).set_index("scale")
     return pd.DataFrame(rows)
+
+
+DEPLOY_GRAPHS = ("text", "image", "head")
+
+
+def deploy_rows(bench: dict) -> list[tuple[str, str, str, dict]]:
+    """``(scale, graph, batch, row)`` of ``deploy.json``'s ``towers``: text, image, head; batches in increasing order
+    (the file's keys are sorted as strings)."""
+    return [(scale, graph, size, graphs[graph][size]) for scale, graphs in bench["towers"].items()
+            for graph in DEPLOY_GRAPHS if graph in graphs for size in sorted(graphs[graph], key=int)]
+
+
+def deploy_tables(metrics_dir: str | Path, decimals: int = 3) -> dict[str, pd.DataFrame]:
+    """The deployment benchmark (``metrics/bench/deploy.json``) as three tables: ``towers`` (ms per example, PyTorch
+    eager vs onnxruntime, per scale, graph and batch), ``faiss`` (exact vs approximate search per gallery size) and
+    ``query`` (one text query end to end against the teacher, extrapolated values marked *)."""
+    path = Path(metrics_dir) / "bench" / "deploy.json"
+    bench = read_json(path)
+    if bench is None:
+        gone = pd.DataFrame([{"table": missing(path)}]).set_index("table")
+        return {"towers": gone, "faiss": gone, "query": gone}
+    towers = [{"scale": scale, "graph": graph, "batch": size, "PyTorch ms": f"{r['torch_ms']:.{decimals}f}",
+               "onnxruntime ms": f"{r['onnx_ms']:.{decimals}f}", "speed-up": f"{r['speedup']:.1f}×"}
+              for scale, graph, size, r in deploy_rows(bench)]
+    faiss = [{"gallery": f"{int(n):,}", "memory MB": f"{r['memory_mb']:.0f}",
+              "exact build s": f"{r['exact']['build_s']:.2f}", "exact queries/s": f"{r['exact']['qps']:,.0f}",
+              f"{r['approx']['kind']} build s": f"{r['approx']['build_s']:.2f}",
+              f"{r['approx']['kind']} queries/s": f"{r['approx']['qps']:,.0f}",
+              f"{r['approx']['kind']} recall@10": f"{r['approx']['recall_at_10']:.3f}"}
+             for n, r in sorted(bench["faiss"].items(), key=lambda item: int(item[0]))]
+
+    def shown(row: dict, key: str, fmt: str) -> str:
+        return f"{row[key]:{fmt}}" + ("*" if key in row["extrapolated"] else "")
+
+    query = [{"scale": scale, "gallery": f"{r['gallery']:,}", "tokenise ms": shown(r, "tokenise_ms", ".3f"),
+              "text tower ms (PyTorch / ONNX)": f"{r['text_torch_ms']:.3f} / {r['text_onnx_ms']:.3f}",
+              "exact search ms": shown(r, "search_exact_ms", ".2f"),
+              "approx search ms": shown(r, "search_approx_ms", ".2f"),
+              "dual query ms (exact / approx)": f"{r['dual_exact_ms']:.2f} / {r['dual_approx_ms']:.2f}",
+              "teacher s": shown(r, "teacher_s", ",.0f"),
+              "gain (exact / approx)": f"{r['gain_exact']:,.0f}× / {r['gain_approx']:,.0f}×"}
+             for scale, r in bench["query"].items()]
+    return {"towers": pd.DataFrame(towers), "faiss": pd.DataFrame(faiss), "query": pd.DataFrame(query)}
