@@ -170,7 +170,8 @@ def test_exact_index_returns_brute_force_top_k_and_evaluations_r1(workspace, exp
     export, index = Export(dirs["retrieval"]), ImageIndex(indexes / "retrieval")
     split = load_split(paths.PREPARED, "retrieval", "test", export.tokenizer, params.teacher.max_text_len,
                        params.teacher.pixel_norm)
-    scores, text_image, groups = retrieval_scores(export.runner.dual, split)
+    ranked = retrieval_scores(export.runner.dual, split)
+    scores, text_image, groups = ranked.ir, ranked.text_image, ranked.text_groups
     rows, keys, _ = gallery(split)
     assert index.names == [str(k) for k in keys.tolist()]
     queries = np.concatenate([export.encode_text(split.texts[r])[1] for r in rows])
