@@ -149,11 +149,13 @@ class DualEncoder(nn.Module):
     def from_teacher(cls, teacher: ViltTeacher, fusion_hidden: int, task: str = "nlvr2",
                      num_outputs: int = 2) -> "DualEncoder":
         """Both towers initialised from the teacher's embeddings and layers (separate copies); for pre-training the
-        MLM head too, when the teacher has one."""
+        MLM head too, when the teacher has one. Every parameter of the student is trainable, also when the teacher
+        is frozen (``distill_pretrain`` freezes it before copying: the copies would inherit ``requires_grad=False``
+        and only the heads would train)."""
         model = cls(teacher.config, fusion_hidden, vilt=teacher.vilt, task=task, num_outputs=num_outputs)
         if model.mlm_score is not None and getattr(teacher, "mlm_score", None) is not None:
             model.mlm_score.load_state_dict(teacher.mlm_score.state_dict())
-        return model
+        return model.requires_grad_(True)
 
     def with_task(self, task: str, num_outputs: int) -> "DualEncoder":
         """This student with a fresh head for ``task`` (and no MLM head): the step from pre-training to a task."""
