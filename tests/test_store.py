@@ -228,11 +228,13 @@ def _peak_anonymous(args: list[str]) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow  # ~30 s on a loaded 2-core machine
-def test_prepare_memory_stays_far_below_the_store(tmp_path):
+def test_prepare_then_training_memory_stays_far_below_the_store(tmp_path):
     """An official NLVR2 set whose store (800 images at the paper's 384x640: 563 MB) is several times what prepare
     may hold: the prepare process and each of its two decoding processes keep a small fraction of it in anonymous
     memory (the store's pages are the file's, in the page cache, shared and reclaimable). Before, prepare held
-    every decoded image twice (a list, then np.stack): over twice the store."""
+    every decoded image twice (a list, then np.stack): over twice the store. Training and evaluating on the prepared
+    task then grow the stage's anonymous memory by a small fraction of the store too (the loader before copied the
+    whole store for every split)."""
     pairs, image_size = {"train": 300, "dev": 50, "test": 50}, [384, 640]
     root = large_fixture.nlvr2(tmp_path / "nlvr2", pairs)
     store = large_fixture.store_bytes(pairs, image_size)
@@ -250,3 +252,13 @@ def test_prepare_memory_stays_far_below_the_store(tmp_path):
           f"together {tree / mb:.0f} MB")
     assert written > store and child > 0  # the whole store was written, by worker processes
     assert main < store / 4 and child < store / 4 and tree < store / 2
+    # then train and evaluate on what prepare wrote (tests/test_memory.py's script): the stage maps the store
+    from test_memory import BOUND, run_on_store
+
+    trained = run_on_store(tmp_path / "out", workers=0, store_mb=0, batch=2)  # a batch of 384x640 pairs: 12 MB float
+    growth = trained["peak_mb"] - trained["baseline_mb"]
+    print(f"training + evaluation on it: private memory {trained['baseline_mb']:.0f} MB before loading, peak "
+          f"{trained['peak_mb']:.0f} MB (+{growth:.0f} MB) over {trained['steps']} steps and "
+          f"{trained['dev_examples']} dev pairs")
+    assert trained["steps"] == pairs["train"] // 2 and trained["store_mb"] * mb >= store
+    assert growth < BOUND * trained["store_mb"], trained
