@@ -2,7 +2,7 @@
 reports/figures/."""
 
 from vldistill.cli import stage_args
-from vldistill.config import flatten
+from vldistill.config import TASKS, flatten
 from vldistill.report.render import render
 from vldistill.train.tracking import Tracker
 
@@ -29,7 +29,7 @@ def _render(params) -> None:
         "figures_dir": "reports/figures", "attention_dir": "reports/attention", "tasks": list(params.tasks),
         "task_variants": {task: params.task_variants(task) for task in params.tasks},
         "fusion_students": sorted(v for v in params.variants if params.student_kind(v) == "fusion"),
-        "data_tasks": [t for t in type(params.data).model_fields if t != "scene" and getattr(params.data, t)],
+        "data_tasks": [t for t in ("pretrain", *TASKS) if getattr(params.data, t)],
         "data_figures_dir": "reports/data",
         "ablation_task": study.task, "ablation_tables": {k: list(v) for k, v in study.tables.items()},
         "ablation_budget": study.budget.model_dump(exclude_unset=True),

@@ -439,12 +439,17 @@ def _two_then_one(repo: Path, env: dict, args: list[str], model: str, metrics: s
 
 
 def _assert_two_processes_take_the_steps_of_one(runs: list[tuple[dict, dict, str]]) -> None:
-    """Every weight within atol 1e-5 (the teacher's test above says why), the same steps and best epoch."""
+    """Every weight within atol 1e-5 (the teacher's test above says why), the same steps and best epoch.
+
+    Except the attention key biases: adding one number to every key score of a query leaves its softmax unchanged,
+    so their gradient is zero up to rounding, and AdamW's normalised step turns that rounding noise, which depends
+    on the summation order of one process vs two, into full-size steps of either sign."""
     (two, two_metrics, console), (one, one_metrics, _) = runs
     assert "MEMBER: 2/2" in console
     assert two.keys() == one.keys()
     for key, value in one.items():
-        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
+        if not key.endswith("attention.attention.key.bias"):
+            torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
     assert two_metrics["steps"] == one_metrics["steps"] > 0 and two_metrics["best_epoch"] == one_metrics["best_epoch"]
 
 

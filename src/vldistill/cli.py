@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vldistill.config import FabricParams, Params, load_or_exit
+from vldistill.config import TASKS, FabricParams, Params, load_or_exit
 
 FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "distill_ablation",
                  "evaluate")
@@ -40,7 +40,7 @@ def stage_args(description: str, task: bool = False, variant: bool = False, any_
     args = parser.parse_args()
     params = load_or_exit(args.params, args.set)
     if any_data_task:  # prepare: every task with a data section, enabled or not
-        allowed = [name for name in type(params.data).model_fields if name != "scene" and getattr(params.data, name)]
+        allowed = [name for name in ("pretrain", *TASKS) if getattr(params.data, name)]
         if args.task not in allowed:
             parser.exit(2, f"error: --task {args.task!r}: no data.{args.task} section (have: {allowed})\n")
     elif task and args.task not in ("pretrain", *params.tasks):
