@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vldistill.config import TASKS, FabricParams, Params, load_or_exit
+from vldistill.memory import return_large_blocks
 
 FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "distill_ablation",
                  "evaluate")
@@ -55,6 +56,7 @@ def stage_args(description: str, task: bool = False, variant: bool = False, any_
         if problem:
             parser.exit(2, f"error: {problem}\n")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return_large_blocks()  # freed batches go back to the OS (vldistill.memory says why)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen under `dvc repro`
     return args, params
 

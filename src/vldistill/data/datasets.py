@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vldistill.config import LoaderParams
 from vldistill.data.prepared import read_answers, read_images, read_split
+from vldistill.memory import return_large_blocks
 
 
 Augment = Callable[..., torch.Tensor]  # augment(uint8 images (B, H, W, 3), generator=...) → same shape and dtype
@@ -278,8 +279,10 @@ PIXEL_KEYS = frozenset(IMAGE_KEYS.values())
 
 
 def _one_thread(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one intra-op thread per worker (the workers are the parallelism)."""
+    """DataLoader ``worker_init_fn``: one intra-op thread per worker (the workers are the parallelism), and freed
+    batches returned to the OS (:mod:`vldistill.memory`; a spawned worker does not inherit the setting)."""
     torch.set_num_threads(1)
+    return_large_blocks()
 
 
 class SplitLoader(DataLoader):
