@@ -438,18 +438,28 @@ def _two_then_one(repo: Path, env: dict, args: list[str], model: str, metrics: s
     return runs
 
 
-def _assert_two_processes_take_the_steps_of_one(runs: list[tuple[dict, dict, str]]) -> None:
+def _assert_two_processes_take_the_steps_of_one(runs: list[tuple[dict, dict, str]], near_zero: bool = False) -> None:
     """Every weight within atol 1e-5 (the teacher's test above says why), the same steps and best epoch.
 
-    Except the attention key biases: adding one number to every key score of a query leaves its softmax unchanged,
-    so their gradient is zero up to rounding, and AdamW's normalised step turns that rounding noise, which depends
-    on the summation order of one process vs two, into full-size steps of either sign."""
+    ``near_zero``: a run whose gradients are mostly cancellation noise (the tiny dual student's in-batch contrastive
+    loss stays at ln 4 on retrieval: its embeddings barely differ, so every gradient is a sum of terms that nearly
+    cancel, and the rounding of that sum depends on the summation order of one process vs two). AdamW divides by
+    ``sqrt(v) + eps`` (eps 1e-8), so a gradient of rounding size (~1e-9) still moves its weight by ~lr/10 a step:
+    measured 0.07 % of the weights beyond 1e-5, all within 5.2e-5 (attention key biases, whose gradient is zero up to
+    rounding, and the projections). Then: at least 99 % of all weights within 1e-5 and every weight within 2e-4, five
+    times below one AdamW step at the test's lr (1e-3); two processes that stepped on their own halves of the batch
+    would differ by about an lr per step in almost every weight."""
     (two, two_metrics, console), (one, one_metrics, _) = runs
     assert "MEMBER: 2/2" in console
     assert two.keys() == one.keys()
-    for key, value in one.items():
-        if not key.endswith("attention.attention.key.bias"):
+    if not near_zero:
+        for key, value in one.items():
             torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
+    else:
+        diffs = {key: (two[key] - value).abs() for key, value in one.items()}
+        beyond = sum(int((d > 1e-5).sum()) for d in diffs.values()) / sum(d.numel() for d in diffs.values())
+        worst = max(diffs, key=lambda k: diffs[k].max())
+        assert beyond < 0.01 and diffs[worst].max() < 2e-4, f"{beyond:.2%} beyond 1e-5; {worst}: {diffs[worst].max()}"
     assert two_metrics["steps"] == one_metrics["steps"] > 0 and two_metrics["best_epoch"] == one_metrics["best_epoch"]
 
 
@@ -476,8 +486,9 @@ def test_the_dual_student_fine_tunes_under_two_ddp_processes_as_on_one(finetune_
     if not (repo / "models/teacher_finetune" / task / "model.safetensors").is_file():
         _run(["stages/teacher_finetune.py", "--task", task], repo, env)
     args = _distill_finetune(task) + (SAME_DRAWS if task == "retrieval" else [])
-    _assert_two_processes_take_the_steps_of_one(_two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide",
-                                                              f"metrics/train/distill_finetune/{task}/dide.json"))
+    runs = _two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide",
+                         f"metrics/train/distill_finetune/{task}/dide.json")
+    _assert_two_processes_take_the_steps_of_one(runs, near_zero=task == "retrieval")
 
 
 # ------------------------------------------------------------------------------ launchers (README, "More than one GPU")
