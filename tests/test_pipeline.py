@@ -1,5 +1,6 @@
 """End to end, as a user would: `dvc repro` on a tiny params override in a fresh copy of the repository, then a
-no-op rerun, a one-knob experiment that reruns only the stages downstream of it, and a bad knob that fails fast."""
+no-op rerun, the README's knob changing only the distillation stages' params, a one-knob experiment that reruns only
+the stages downstream of it, and a bad knob that fails fast."""
 
 from __future__ import annotations
 
@@ -125,13 +126,52 @@ def test_mlflow_has_one_run_per_stage_execution(repo):
     assert params > 50 and metrics > 20
 
 
-def test_one_knob_reruns_only_downstream_stages(repo):
+def _stages_with_changed_params(path: Path, env: dict, *overrides: str) -> set[str]:
+    """The stages whose declared params ``dvc status`` finds changed once ``overrides`` (``key=value``, as
+    ``dvc exp run -S`` takes them) are written into params.yaml; params.yaml is restored after."""
+    import yaml
+
+    params_file = path / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        *parents, leaf = key.split(".")
+        section = params
+        for name in parents:
+            section = section[name]
+        section[leaf] = yaml.safe_load(value)
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        status = _run(["dvc", "status", "--json"], path, env)
+        assert status.returncode == 0, status.stderr
+        return set(json.loads(status.stdout))
+    finally:
+        params_file.write_text(original)
+
+
+def test_the_readme_knob_changes_the_params_of_the_distillation_stages_only(repo):
+    """``distill.layers`` (README, Everyday use) is a declared param of the distillation stages and of the exports
+    (their model cards record the recipe), of nothing upstream. ``dvc status`` (no stage runs) shows the stages it
+    changes directly; what they feed (evaluate, benchmark, report) reruns after them, as the experiment below
+    shows for a knob of its own."""
     path, env, _ = repo
-    exp = _run(["dvc", "exp", "run", "-S", "distill.layers=layerwise"], path, env)
+    direct = {stage for stage in DISTILL_DOWNSTREAM if stage.startswith(("distill_", "export@"))}
+    assert _stages_with_changed_params(path, env, "distill.layers=layerwise") == direct
+
+
+def test_one_knob_experiment_reruns_only_downstream_stages(repo):
+    """``dvc exp run -S evaluate.rerank_k=4`` (retrieval of the fusion models re-ranks the DiDE student's top 4):
+    the four evaluations rerun, then the report that reads their metrics and the retrieval export, whose model
+    card quotes the retrieval metrics that changed (the other evaluations write the same files again, so their
+    exports stay cached), and nothing else; the experiment's runs carry its name in MLflow and ``dvc exp show``
+    lists it with its metrics."""
+    path, env, _ = repo
+    exp = _run(["dvc", "exp", "run", "-S", "evaluate.rerank_k=4"], path, env)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
-    assert _stages_run(exp.stdout) == DISTILL_DOWNSTREAM
+    assert _stages_run(exp.stdout) == {*(f"evaluate@{task}" for task in TASKS), "export@retrieval", "report"}
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], path, env)
-    assert "layerwise" in shown.stdout and "accuracy" in shown.stdout
+    assert "rerank_k" in shown.stdout and "accuracy" in shown.stdout
     with sqlite3.connect(path / "mlflow.db") as db:
         exp_names = {r[0] for r in db.execute("select value from tags where key = 'dvc_exp'")}
     assert exp_names - {""}, "runs under `dvc exp run` carry the experiment name"
