@@ -131,16 +131,13 @@ def _stages_with_changed_params(path: Path, env: dict, *overrides: str) -> set[s
     ``dvc exp run -S`` takes them) are written into params.yaml; params.yaml is restored after."""
     import yaml
 
+    from vldistill.config import _apply_override
+
     params_file = path / "params.yaml"
     original = params_file.read_text()
     params = yaml.safe_load(original)
     for override in overrides:
-        key, value = override.split("=", 1)
-        *parents, leaf = key.split(".")
-        section = params
-        for name in parents:
-            section = section[name]
-        section[leaf] = yaml.safe_load(value)
+        _apply_override(params, override)
     try:
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         status = _run(["dvc", "status", "--json"], path, env)
