@@ -32,9 +32,8 @@ def _render(params) -> None:
         "data_tasks": [t for t in ("pretrain", *TASKS) if getattr(params.data, t)],
         "data_figures_dir": "reports/data",
         "ablation_task": study.task, "ablation_tables": {k: list(v) for k, v in study.tables.items()},
-        "ablation_budget": study.budget.model_dump(exclude_unset=True),
-        "recipes": {v: _recipe(params, v) for v in study.variants},
-        "seeds": list(params.report.seeds),
+        "recipes": {v: _recipe(params, v) for v in params.variants},
+        "seeds": list(params.seeds),
         "decimals": params.report.decimals,
     })
 

@@ -93,11 +93,20 @@ LOAD_TIME = [  # (overrides, fragments of the one error line); the key shown is 
     (["data.snli_ve=null"], ["data.snli_ve=null", "'snli_ve' is in tasks", "needs a data source"]),
     (["data.vqa.source=official"], ["data.vqa.root=null", "needs root"]),
     (["runs.nlvr2-dide.variant=dual_gt"], ["runs.nlvr2-dide", "'<task>-<variant>' = 'nlvr2-dual_gt'"]),
-    (["ablation.variants=[soft_attn_cross, soft_atn_cross]"],
-     ['ablation.variants[1]="soft_atn_cross"', "not in variants"]),
+    (["ablation.tables={knowledge: [dual_gt, soft_atn_cross]}"],
+     ['ablation.tables.knowledge[1]="soft_atn_cross"', "not a variant that runs trains on ablation.task=nlvr2"]),
     (["ablation.task=coco"], ['ablation.task="coco"', "'nlvr2', 'snli_ve', 'vqa' or 'retrieval'"]),
-    (["ablation.budget={effective_batch: 24}"], ["ablation.budget.effective_batch=24", "multiple of batch_size=16"]),
-    (["ablation.tables={layers: [layerwise]}"], ['ablation.tables.layers[0]="layerwise"', "not in ablation.variants"]),
+    (["ablation.tables={layers: [layerwise]}"],  # a variant of the file, but no run trains it
+     ['ablation.tables.layers[0]="layerwise"', "not a variant that runs trains on ablation.task=nlvr2",
+      "(have: ['dide', 'dual_gt', 'soft_attn_cross', 'fusion_soft'])"]),
+    (["ablation.tables={distillvlm: [fusion_distillvlm]}"],  # trained, on vqa and retrieval only
+     ['ablation.tables.distillvlm[0]="fusion_distillvlm"', "ablation.task=nlvr2"]),
+    (["ablation.variants=[soft_attn_cross]"], ["unknown key 'ablation.variants'", "allowed keys: task, tables"]),
+    (["train.distill_finetune_tasks={nlvr2: {effective_batch: 24}}"],  # the ablation rows' budget: nlvr2's
+     ["train.distill_finetune_tasks.nlvr2.effective_batch=24",
+      "multiple of batch_size=16 (with train.distill_finetune)"]),
+    (["seeds=[0, 0]"], ["seeds=[0, 0]", "must be a non-empty list of distinct non-negative ints"]),
+    (["variants.dide={seed: 1}"], ["unknown key 'variants.dide.seed'", "allowed keys: knowledge, layers, stages"]),
 ]
 
 

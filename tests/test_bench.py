@@ -5,10 +5,12 @@ training-step timer, and the one-line errors of ``bench.*``. Paper-size code run
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from vldistill import paths
 from vldistill.bench import gpu, paper, retrieval
 from vldistill.bench import run as bench_run
 from vldistill.bench.latency import WAYS, cached_images, latency_calls, latency_row, task_flops, task_latency
@@ -198,19 +200,29 @@ def test_dual_scores_are_batch_independent_and_end_to_end_rows(tiny_arch):
 
 
 # ----------------------------------------------------------------------------------------------- both files
+LEAD_SEED = 2
+"""The first seed of ``seeds`` in these tests (``[2, 0]``): the DiDE replica the benchmark times is that seed's."""
+
+
 @pytest.fixture
 def trained_retrieval_models(tmp_path, monkeypatch, tiny_arch):
-    """A working directory holding tiny 'trained' retrieval models where the stage reads them."""
+    """A working directory holding tiny 'trained' retrieval models where the stage reads them: the teacher and the
+    DiDE replica of seed :data:`LEAD_SEED` (no other seed's replica: the benchmark must not read one)."""
     monkeypatch.chdir(tmp_path)
     teacher, student = paper.paper_models("retrieval", tiny_arch)
     teacher.save(tmp_path / "models/teacher_finetune/retrieval")
-    student.save(tmp_path / "models/distill_finetune/retrieval/dide")
+    student.save(tmp_path / paths.replica_dir("retrieval", "dide", LEAD_SEED))
+    assert paths.replica_dir("retrieval", "dide", LEAD_SEED) == Path("models/distill_finetune/retrieval/dide/seed2")
     return tmp_path
 
 
 def test_both_files_have_the_contract_shape(trained_retrieval_models):
-    base = load(ROOT / "params.yaml")
+    base = load(ROOT / "params.yaml", [f"seeds=[{LEAD_SEED}, 0]"])
     params = base.model_copy(update={"tasks": ["retrieval"], "bench": fast_bench()})
+    _, student, models = bench_run.embedded_retrieval_models(params)
+    assert models == "trained"
+    saved = DualEncoder.load(trained_retrieval_models / paths.replica_dir("retrieval", "dide", LEAD_SEED))
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in saved.state_dict().items())
     latency = bench_run.run_latency(params)
     scaling = bench_run.run_retrieval(params)
     on_disk = json.loads((trained_retrieval_models / "metrics/bench/latency.json").read_text())
@@ -227,6 +239,7 @@ def test_both_files_have_the_contract_shape(trained_retrieval_models):
     assert {"kind", "name", "threads", "paper_threads", "torch"} <= set(on_disk["device"])
     assert on_disk["setup"]["paper"]["architecture"]["hidden_size"] == 32
     assert on_disk["setup"]["paper"]["warmup_per"].startswith("model")
+    assert "models/distill_finetune/<task>/dide/seed2 (the first seed" in on_disk["setup"]["embedded"]["models"]
     on_disk = json.loads((trained_retrieval_models / "metrics/bench/retrieval.json").read_text())
     assert on_disk == json.loads(json.dumps(scaling))
     assert set(on_disk["embedded"]) == set(on_disk["paper"]) == {"100"}
@@ -240,7 +253,8 @@ def test_both_files_have_the_contract_shape(trained_retrieval_models):
 
 
 def test_paper_block_can_be_disabled_and_random_embedded_retrieval_models(trained_retrieval_models):
-    params = load(ROOT / "params.yaml").model_copy(update={"tasks": ["nlvr2"], "bench": fast_bench(enabled=False)})
+    params = load(ROOT / "params.yaml", [f"seeds=[{LEAD_SEED}, 0]"]).model_copy(
+        update={"tasks": ["nlvr2"], "bench": fast_bench(enabled=False)})
     _, _, models = bench_run.embedded_retrieval_models(params)
     assert models == "random"
     params = params.model_copy(update={"tasks": ["retrieval"]})

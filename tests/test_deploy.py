@@ -2,8 +2,9 @@
 (exact top-k, R@1 as evaluation, resume), search / answer against the cached embeddings and their one-line errors.
 
 One tiny workspace per module: retrieval, SNLI-VE and NLVR2 prepared at a few dozen examples, a tokenizer trained on
-them, a random-weight dual student per task saved where ``distill_finetune`` saves it, its evaluation metrics
-computed by the pipeline's own code, then ``export_task`` as the ``export`` stage runs it.
+them, a random-weight dual student per task and seed of :data:`SEEDS` saved where ``distill_finetune`` saves that
+seed's replica, its evaluation metrics computed by the pipeline's own code, then ``export_task`` as the ``export``
+stage runs it (which exports the replica of the first seed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from vldistill.models.teacher import vilt_config
 from conftest import ROOT, tiny_params_text
 
 TASKS = {"retrieval": 1, "snli_ve": 3, "nlvr2": 2, "vqa": None}  # task → head width (VQA: its answers)
+SEEDS = [1, 0]
+"""``seeds`` of the workspace: the first (exported) is not the smallest; seed 0's replica has other weights."""
+LEAD, OTHER = SEEDS
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,8 @@ def workspace(tmp_path_factory):
     raw = yaml.safe_load(tiny_params_text())
     raw["tasks"] = list(TASKS)
     raw["runs"] = {f"{task}-dide": {"task": task, "variant": "dide"} for task in TASKS}
-    raw["ablation"].update(variants=[], tables={})
+    raw["ablation"].update(tables={})
+    raw["seeds"] = SEEDS
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load(root / "params.yaml")
     for task in TASKS:
@@ -54,11 +59,13 @@ def workspace(tmp_path_factory):
     torch.manual_seed(0)
     for task, outputs in TASKS.items():
         outputs = outputs or len(read_answers(paths.PREPARED, task))
-        student = DualEncoder(config, params.student.fusion_hidden, task=task, num_outputs=outputs).eval()
-        student.save(paths.model_dir("distill_finetune", task, "dide"))
         split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len,
                            params.teacher.pixel_norm)
-        write_json(paths.eval_metrics(task, "dide"), {"test": task_metrics(student, split, task)})
+        for seed in SEEDS:
+            student = DualEncoder(config, params.student.fusion_hidden, task=task, num_outputs=outputs).eval()
+            student.save(paths.replica_dir(task, "dide", seed))
+            write_json(paths.eval_metrics(task, paths.replica_name("dide", seed)),
+                       {"test": task_metrics(student, split, task)})
     yield root, params
     os.chdir(before)
 
@@ -82,11 +89,13 @@ def test_export_round_trips_through_from_pretrained(workspace, exports):
     _, params = workspace
     dirs, _ = exports
     for task in TASKS:
-        student = DualEncoder.load(paths.model_dir("distill_finetune", task, "dide"))
+        student = DualEncoder.load(paths.replica_dir(task, "dide", LEAD))
         model = DualEncoderModel.from_pretrained(str(dirs[task])).eval()
         original, loaded = student.state_dict(), model.dual.state_dict()
         assert original.keys() == loaded.keys()
         assert all(torch.equal(original[k], loaded[k]) for k in original)
+        other = DualEncoder.load(paths.replica_dir(task, "dide", OTHER)).state_dict()
+        assert not all(torch.equal(other[k], loaded[k]) for k in other)  # the first seed's replica, not another's
         split = load_split(paths.PREPARED, task, "test", AutoTokenizer.from_pretrained(str(dirs[task])),
                            params.teacher.max_text_len, params.teacher.pixel_norm)
         assert task_metrics(model.dual, split, task) == task_metrics(student, split, task)
@@ -114,7 +123,7 @@ def test_onnx_graphs_match_pytorch_on_prepared_examples(workspace, exports):
         batch = split.collate(list(range(3, 8)))
         pixels = batch.get("pixel_values", batch.get("pixel_values_right")).numpy()
         ids, mask = batch["input_ids"][:, :12].numpy(), batch["attention_mask"][:, :12].numpy()
-        eager, onnx = TorchRunner(DualEncoder.load(paths.model_dir("distill_finetune", task, "dide"))), \
+        eager, onnx = TorchRunner(DualEncoder.load(paths.replica_dir(task, "dide", LEAD))), \
             OnnxRunner(dirs[task] / "onnx")
         for a, b in zip(eager.text(ids, mask) + eager.image(pixels), onnx.text(ids, mask) + onnx.image(pixels)):
             np.testing.assert_allclose(b, a, rtol=0, atol=atol)
@@ -130,10 +139,12 @@ def test_model_card_metadata_comes_from_the_pipeline_files(workspace, exports):
         text = (dirs[task] / "README.md").read_text()
         front = yaml.safe_load(text.split("---")[1])
         assert front["license"] == "apache-2.0"
-        metrics = read_json(paths.eval_metrics(task, "dide"))
+        metrics = read_json(paths.eval_metrics(task, paths.replica_name("dide", LEAD)))
+        assert metrics != read_json(paths.eval_metrics(task, paths.replica_name("dide", OTHER)))
         results = front["model-index"][0]["results"]
         assert {(r["dataset"]["split"], m["type"]): m["value"] for r in results for m in r["metrics"]} == \
             {(split, k): v for split, values in metrics.items() for k, v in values.items()}
+        assert f"\nseed: {LEAD}\n" in text  # the card's params name the seed of the exported replica
         assert str(read_json(paths.data_metrics(task))["image_store"]["images"]) in text
         assert infos[task] == read_json(dirs[task] / "vldistill.json")
 
@@ -184,7 +195,8 @@ def test_exact_index_returns_brute_force_top_k_and_evaluations_r1(workspace, exp
         best.indices[:, 0].tolist()
     described = {(g, i) for g, i in zip(groups.tolist(), text_image.tolist())}
     hits = np.mean([(g, top) in described for g, top in zip(groups.tolist(), found[:, 0].tolist())])
-    assert hits == pytest.approx(read_json(paths.eval_metrics("retrieval", "dide"))["test"]["ir_r1"])
+    assert hits == pytest.approx(read_json(paths.eval_metrics("retrieval", paths.replica_name("dide", LEAD)))
+                                 ["test"]["ir_r1"])
 
 
 @pytest.mark.parametrize("task", ["snli_ve", "nlvr2", "vqa"])
@@ -198,7 +210,7 @@ def test_answer_equals_the_pipelines_prediction(workspace, exports, indexes, tas
     index = ImageIndex(indexes / task)
     split = load_split(paths.PREPARED, task, "test", tok.load(paths.TOKENIZER), params.teacher.max_text_len,
                        params.teacher.pixel_norm)
-    student = DualEncoder.load(paths.model_dir("distill_finetune", task, "dide"))
+    student = DualEncoder.load(paths.replica_dir(task, "dide", LEAD))
     if task == "vqa":
         vqa = {"question_ids": read_split(paths.PREPARED, task, "test")["question_id"].tolist(),
                "answers": read_answers(paths.PREPARED, task)}

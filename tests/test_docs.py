@@ -19,8 +19,11 @@ training; about a second.
   names must be a file of the repository, bare ``*.yaml`` / ``*.toml`` / ``*.lock`` names a file at its root.
   ``<placeholder>`` components match any name, ``{a,b}`` is expanded, a component with ``...`` ends the path.
   Links to ``file.md#anchor`` need that heading.
-- **Headline table**: each number of README.md's results table is the committed ``metrics/eval/<task>/<model>.json``
-  (test split) as a percentage with one decimal, formatted as the report formats it.
+- **Headline table**: each cell of README.md's results table is the committed test score of its model as the
+  report formats it (one decimal, %): the teacher's ``metrics/eval/<task>/teacher.json``; a student's
+  ``mean ± std [low, high]`` over its replicas ``metrics/eval/<task>/<model>_seed<k>.json`` for every seed of
+  params.yaml's ``seeds``, or, for a run made before that layout (no complete set of replicas), its single
+  ``metrics/eval/<task>/<model>.json``.
 """
 
 from __future__ import annotations
@@ -485,6 +488,25 @@ def test_headline_table_is_the_committed_run():
         seen.add(model)
         for title, cell in zip(header[1:], cells[1:]):
             task, metric = HEADLINE_COLUMNS[title]
-            value = json.loads((ROOT / "metrics" / "eval" / task / f"{model}.json").read_text())["test"][metric]
-            assert cell == f"{100 * value:.1f}", f"{model} {title}: README {cell}, metrics/eval/{task}/{model}.json {value}"
+            expected, source = _headline_cell(task, model, metric)
+            assert cell == expected, f"{model} {title}: README {cell!r}, {source}: {expected!r}"
     assert seen == set(HEADLINE_MODELS), seen
+
+
+def _headline_cell(task: str, model: str, metric: str) -> tuple[str, str]:
+    """(the report's test cell of ``model`` on ``task``, the files it comes from): a student's replicas of every seed
+    of params.yaml's ``seeds`` when all are committed, else (the teacher, or a run made before the per-seed layout)
+    its one ``metrics/eval/<task>/<model>.json``."""
+    from vldistill.report.tables import TEACHER, score_cell, seed_scores
+
+    eval_dir = ROOT / "metrics" / "eval" / task
+    seeds = yaml.safe_load((ROOT / "params.yaml").read_text())["seeds"]
+    if model != TEACHER and all((eval_dir / f"{model}_seed{seed}.json").is_file() for seed in seeds):
+        summary, absent = seed_scores(ROOT / "metrics", task, model, seeds, "test", metric)
+        replicas = f"metrics/eval/{task}/{model}_seed{{{','.join(map(str, seeds))}}}.json"
+        return score_cell(summary, absent, model, 1), replicas
+    path = eval_dir / f"{model}.json"
+    assert path.is_file(), (f"README's table names {model!r}: neither {path.relative_to(ROOT)} nor a replica per seed "
+                            f"of {seeds} (metrics/eval/{task}/{model}_seed<k>.json) is committed")
+    value = json.loads(path.read_text())["test"][metric]
+    return f"{100 * value:.1f}", str(path.relative_to(ROOT))

@@ -248,23 +248,38 @@ def test_two_gloo_processes_compute_the_metrics_of_one_process_on_every_rank(tmp
 
 # ------------------------------------------------------------------------------------------------- the report
 def test_the_ranking_of_each_retrieval_model_is_recorded_and_reported(tmp_path):
+    """Fusion models are re-ranked by the first seed's replica of ``evaluate.rerank_with``; the report's line names a
+    student once when all its replicas were ranked alike, else each replica."""
     from vldistill import paths
-    from vldistill.evaluate.run import ranking
+    from vldistill.evaluate.run import lead_replica, models_for, ranking
     from vldistill.report import tables
 
     params = load(ROOT / "params.yaml")
     reranked = load(ROOT / "params.yaml", ["evaluate.rerank_k=16"])
-    assert ranking("teacher", False, params) == ranking("dide", True, reranked) == "full"
-    assert ranking("fusion_gt", False, reranked) == "rerank@16 by dide"
+    assert ranking("teacher", False, params) == ranking("dide_seed0", True, reranked) == "full"
+    assert ranking("fusion_gt_seed1", False, reranked) == "rerank@16 by dide_seed0"
+    later = load(ROOT / "params.yaml", ["evaluate.rerank_k=16", "seeds=[3, 1]"])
+    assert lead_replica(later, "dide") == "dide_seed3"  # the first seed listed, not the smallest
+    assert ranking("fusion_gt_seed1", False, later) == "rerank@16 by dide_seed3"
+    assert list(models_for("retrieval", later)) == ["teacher", *later.task_models("retrieval")]
+    assert [m for m in models_for("retrieval", later) if m.startswith("dide")] == ["dide_seed3", "dide_seed1"]
+    assert models_for("retrieval", later)["dide_seed1"] == paths.replica_dir("retrieval", "dide", 1)
     assert tmp_path / paths.eval_ranking("retrieval") == tmp_path / "metrics" / tables.RANKING
-    models = ["teacher", "dide", "fusion_gt"]
-    assert "missing: " in tables.retrieval_ranking(tmp_path / "metrics", models)
+    models, seeds = ["teacher", "dide", "fusion_gt"], [0, 1]
+    assert "missing: " in tables.retrieval_ranking(tmp_path / "metrics", models, seeds)
     path = tmp_path / paths.eval_ranking("retrieval")
     path.parent.mkdir(parents=True)
+    full = {"ranking": "full", "pairs_scored": {"test": 0}, "pairs_total": {"test": 5000}}
     path.write_text(json.dumps({
-        "teacher": {"ranking": "rerank@16 by dide", "pairs_scored": {"test": 1234}, "pairs_total": {"test": 5000}},
-        "dide": {"ranking": "full", "pairs_scored": {"test": 0}, "pairs_total": {"test": 5000}}}))
-    line = tables.retrieval_ranking(tmp_path / "metrics", models)
+        "teacher": {"ranking": "rerank@16 by dide_seed0", "pairs_scored": {"test": 1234},
+                    "pairs_total": {"test": 5000}},
+        "dide_seed0": full, "dide_seed1": full,
+        "fusion_gt_seed0": {"ranking": "rerank@16 by dide_seed0", "pairs_scored": {"test": 987},
+                            "pairs_total": {"test": 5000}}}))  # fusion_gt_seed1: not recorded
+    line = tables.retrieval_ranking(tmp_path / "metrics", models, seeds)
     assert f"{tables.label('teacher')}: re-ranked: the fusion model scores the top-16 candidates of " \
-           f"{tables.label('dide')}'s similarities" in line and "(1,234 of 5,000 test pairs" in line
-    assert f"{tables.label('dide')}: full ranking" in line and f"{tables.label('fusion_gt')}: not recorded" in line
+           f"{tables.label('dide_seed0')}'s similarities" in line and "(1,234 of 5,000 test pairs" in line
+    assert f"{tables.label('dide')}: full ranking" in line  # both replicas alike: named once, without a seed
+    assert f"{tables.label('dide_seed1')}" not in line
+    assert f"{tables.label('fusion_gt_seed0')}: re-ranked: " in line and "(987 of 5,000 test pairs" in line
+    assert f"{tables.label('fusion_gt_seed1')}: not recorded" in line

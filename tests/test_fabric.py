@@ -382,11 +382,14 @@ def test_ddp_killed_mid_epoch_then_rerun_ends_as_the_uninterrupted_ddp_run(finet
     _assert_same_run(_rerun_resumes_mid_epoch([*FINETUNE, *DDP], repo, env), ddp_run[0])
 
 
+ONE_SEED = ["-S", "seeds=[0]"]
+"""One replica per distill_finetune run (the tiny params have two seeds): what the DDP tests compare is one run."""
 NCE = ["stages/distill_finetune.py", "--task", "nlvr2", "--variant", "fusion_token_nce",
        "-S", "train.distill_finetune.batch_size=4", "-S", "train.distill_finetune.effective_batch=8",
-       "-S", "train.distill_finetune_tasks.nlvr2.epochs=1", "-S", "distill.nce.queue_size=1024"]
-"""The fusion student with ``token_nce`` on the tiny nlvr2 teacher: 16 optimizer steps of 8 pairs, each adding ~400
-teacher token states (two image passes) to a queue of 1,024, which is full from the third step on."""
+       "-S", "train.distill_finetune_tasks.nlvr2.epochs=1", "-S", "distill.nce.queue_size=1024", *ONE_SEED]
+"""The fusion student with ``token_nce`` on the tiny nlvr2 teacher (seed 0's replica): 16 optimizer steps of 8
+pairs, each adding ~400 teacher token states (two image passes) to a queue of 1,024, which is full from the third
+step on."""
 
 
 @pytest.mark.slow
@@ -396,7 +399,7 @@ def test_token_nce_under_two_ddp_processes_takes_the_steps_of_one_process(finetu
     process with accumulation 2 does; same bound and reason as the teacher's test above. (A queue of rank 0's keys
     only, as DDP's buffer broadcast alone would keep, gives every step different negatives.)"""
     repo, env, _ = finetune_repo
-    model = repo / "models/distill_finetune/nlvr2/fusion_token_nce/model.safetensors"
+    model = repo / "models/distill_finetune/nlvr2/fusion_token_nce/seed0/model.safetensors"
     weights = []
     for processes in ([], DDP):
         shutil.rmtree(repo / "checkpoints", ignore_errors=True)
@@ -419,11 +422,11 @@ DISTILL_PRETRAIN = ["stages/distill_pretrain.py", "-S", "train.distill_pretrain.
 
 
 def _distill_finetune(task: str) -> list[str]:
-    """The main DiDE student (dual, from distill_pretrain) on ``task``, one epoch of optimizer steps of 8 examples:
-    nlvr2 16 steps, retrieval 12."""
+    """The main DiDE student (dual, from distill_pretrain) on ``task``, seed 0's replica, one epoch of optimizer steps
+    of 8 examples: nlvr2 16 steps, retrieval 12."""
     return ["stages/distill_finetune.py", "--task", task, "--variant", "dide",
             "-S", "train.distill_finetune.batch_size=4", "-S", "train.distill_finetune.effective_batch=8",
-            "-S", f"train.distill_finetune_tasks.{task}.epochs=1"]
+            "-S", f"train.distill_finetune_tasks.{task}.epochs=1", *ONE_SEED]
 
 
 def _two_then_one(repo: Path, env: dict, args: list[str], model: str, metrics: str) -> list[tuple[dict, dict, str]]:
@@ -486,8 +489,10 @@ def test_the_dual_student_fine_tunes_under_two_ddp_processes_as_on_one(finetune_
     if not (repo / "models/teacher_finetune" / task / "model.safetensors").is_file():
         _run(["stages/teacher_finetune.py", "--task", task], repo, env)
     args = _distill_finetune(task) + (SAME_DRAWS if task == "retrieval" else [])
-    runs = _two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide",
-                         f"metrics/train/distill_finetune/{task}/dide.json")
+    runs = _two_then_one(repo, env, args, f"models/distill_finetune/{task}/dide/seed0",
+                         f"metrics/train/distill_finetune/{task}/dide/seed0.json")
+    assert runs[0][1]["seed"] == runs[1][1]["seed"] == 0
+    assert not (repo / f"models/distill_finetune/{task}/dide/seed1").exists()  # one replica: seeds=[0]
     _assert_two_processes_take_the_steps_of_one(runs, near_zero=task == "retrieval")
 
 

@@ -4,7 +4,7 @@ writing to one MLflow store at once.
 
 Fast tests drive :func:`vldistill.train.loop.fit` in-process on the toy regression of ``test_fabric.py`` and the
 writers directly. The slow ones run real stage scripts on one tiny copy of the repository (``tiny_repo``: nlvr2
-only, no ablation study, built by ``dvc repro`` so that ``dvc exp run --queue`` has a baseline).
+only, no ablation study, two seeds, built by ``dvc repro`` so that ``dvc exp run --queue`` has a baseline).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -198,14 +199,15 @@ def test_stage_scripts_print_one_line_and_exit_with_the_status_of_the_stop(capsy
     assert exited.value.code == 1
     assert capsys.readouterr().err == ("error: distill_finetune@nlvr2-dide: loss term 'soft' is nan at step 37; last "
                                        "good checkpoint kept at checkpoints/x/last.ckpt (step 30)\n")
-    monkeypatch.setenv("DVC_STAGE", "distill_ablation@soft-1")  # what DVC calls the stage wins
+    monkeypatch.setenv("DVC_STAGE", "distill_finetune@nlvr2-soft_attn_cross")  # what DVC calls the stage wins
+    ckpt = Path("checkpoints/distill_finetune/nlvr2/soft_attn_cross/seed1/last.ckpt")  # the second replica's
     for rank, code in ((0, 130), (1, 0)):  # under DDP only rank 0 reports and fails (see faults.Interrupted)
         with pytest.raises(SystemExit) as exited:
-            with stage_errors("distill_finetune@nlvr2-soft_seed1"):
-                raise Interrupted(signal.SIGINT, 12, 32, Path("checkpoints/x/last.ckpt"), rank)
+            with stage_errors("distill_finetune@nlvr2-soft"):
+                raise Interrupted(signal.SIGINT, 12, 32, ckpt, rank)
         assert exited.value.code == code
-    assert capsys.readouterr().err == ("interrupted: distill_ablation@soft-1: SIGINT at step 12 of 32; checkpoint "
-                                       "saved to checkpoints/x/last.ckpt; rerun the stage (e.g. dvc repro) to resume "
+    assert capsys.readouterr().err == ("interrupted: distill_finetune@nlvr2-soft_attn_cross: SIGINT at step 12 of 32; "
+                                       f"checkpoint saved to {ckpt}; rerun the stage (e.g. dvc repro) to resume "
                                        "from there\n")
 
 
@@ -253,7 +255,8 @@ def test_curve_csv_crash_mid_write(tmp_path, monkeypatch):
 
 def test_model_directory_crash_mid_save_keeps_the_previous_model(tmp_path, monkeypatch):
     """A model's ``save`` writes config.json, student.json, model.safetensors one after the other; through
-    :func:`atomic_dir` a crash in the last one leaves the previous directory whole and loadable."""
+    :func:`atomic_dir` a crash in the last one leaves the previous directory whole and loadable, and the replica of
+    another seed beside it untouched."""
     from vldistill.models import dual
     from vldistill.models.teacher import ViltTeacher, vilt_config
     from vldistill.config import TeacherParams
@@ -261,10 +264,14 @@ def test_model_directory_crash_mid_save_keeps_the_previous_model(tmp_path, monke
     teacher = ViltTeacher(vilt_config(TeacherParams(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
                                       48, 50), heads=("itm",))
     student = dual.DualEncoder.from_teacher(teacher, 16, task="nlvr2", num_outputs=2)
-    out = tmp_path / "models/distill_finetune/nlvr2/dide"
+    out = tmp_path / "models/distill_finetune/nlvr2/dide/seed0"  # one seed's replica (paths.replica_dir)
+    sibling = out.parent / "seed1"
+    with atomic_dir(sibling) as tmp:
+        student.save(tmp)
     with atomic_dir(out) as tmp:
         student.save(tmp)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    sibling_before = {p.name: p.read_bytes() for p in sibling.iterdir()}
     monkeypatch.setattr(dual, "save_file", lambda state, path: _write_half_then_fail(path))
     with torch.no_grad():
         student.fusion[0].weight.add_(1.0)
@@ -275,11 +282,13 @@ def test_model_directory_crash_mid_save_keeps_the_previous_model(tmp_path, monke
     assert _leftovers(out.parent) == []
     dual.DualEncoder.load(out)
     # a writer killed outright (SIGKILL) leaves its temporary directory; the next write of that path removes it
-    (out.parent / ".dide.killed.tmpdir").mkdir()
+    (out.parent / ".seed0.killed.tmpdir").mkdir()
     monkeypatch.undo()
     with atomic_dir(out) as tmp:
         student.save(tmp)
     assert _leftovers(out.parent) == [] and sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert {p.name: p.read_bytes() for p in sibling.iterdir()} == sibling_before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["seed0", "seed1"]
     assert torch.equal(load_file(out / "model.safetensors")["fusion.0.weight"], student.fusion[0].weight)
 
 
@@ -384,20 +393,24 @@ def test_a_locked_sqlite_store_is_retried(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- end to end (real stages)
+SEEDS = [0, 1]
+"""``seeds`` of the tiny repository: distill_finetune@nlvr2-dide trains two replicas, one after the other."""
+
+
 def _nlvr2_only_params() -> str:
-    """The tiny params on nlvr2 alone, no ablation study; distill_pretrain takes batches of 8 and the dide student 2
-    epochs, so that each has 16 optimizer steps to be interrupted in."""
+    """The tiny params on nlvr2 alone, no ablation study, :data:`SEEDS`; distill_pretrain takes batches of 8 and each
+    dide replica 2 epochs, so that each has 16 optimizer steps to be interrupted in."""
     params = yaml.safe_load(tiny_params_text())
     params["tasks"] = ["nlvr2"]
     params["runs"] = {key: run for key, run in params["runs"].items() if run["task"] == "nlvr2"}
-    params["ablation"].update(variants=[], tables={})
-    params["report"]["seeds"] = [0]
+    params["ablation"].update(tables={})
+    params["seeds"] = SEEDS
     params["train"]["distill_pretrain"]["batch_size"] = 8
     params["train"]["distill_finetune_tasks"]["nlvr2"] = {"epochs": 2}
     return yaml.safe_dump(params, sort_keys=False)
 
 
-STAGES = {  # DVC name: (command, model directory, metrics file, curve, resume checkpoint)
+STAGES = {  # DVC name: (command, model directory, metrics file, curve, resume checkpoint) of its last training run
     "teacher_finetune@nlvr2": (["stages/teacher_finetune.py", "--task", "nlvr2"], "models/teacher_finetune/nlvr2",
                                "metrics/train/teacher_finetune/nlvr2.json", "plots/train/teacher_finetune/nlvr2.csv",
                                "checkpoints/teacher_finetune/nlvr2/last.ckpt"),
@@ -405,10 +418,22 @@ STAGES = {  # DVC name: (command, model directory, metrics file, curve, resume c
                          "metrics/train/distill_pretrain/pretrain.json", "plots/train/distill_pretrain/pretrain.csv",
                          "checkpoints/distill_pretrain/last.ckpt"),
     "distill_finetune@nlvr2-dide": (["stages/distill_finetune.py", "--task", "nlvr2", "--variant", "dide"],
-                                    "models/distill_finetune/nlvr2/dide", "metrics/train/distill_finetune/nlvr2/dide.json",
-                                    "plots/train/distill_finetune/nlvr2/dide.csv",
-                                    "checkpoints/distill_finetune/nlvr2/dide/last.ckpt"),
+                                    "models/distill_finetune/nlvr2/dide/seed1",
+                                    "metrics/train/distill_finetune/nlvr2/dide/seed1.json",
+                                    "plots/train/distill_finetune/nlvr2/dide/seed1.csv",
+                                    "checkpoints/distill_finetune/nlvr2/dide/seed1/last.ckpt"),
 }
+"""distill_finetune@nlvr2-dide: its second (last) replica, the one the tests interrupt; :data:`EARLIER` has the
+first's."""
+EARLIER = {  # DVC name: (model directory, metrics file, curve, resume checkpoint) of each earlier replica
+    "distill_finetune@nlvr2-dide": [("models/distill_finetune/nlvr2/dide/seed0",
+                                     "metrics/train/distill_finetune/nlvr2/dide/seed0.json",
+                                     "plots/train/distill_finetune/nlvr2/dide/seed0.csv",
+                                     "checkpoints/distill_finetune/nlvr2/dide/seed0/last.ckpt")],
+}
+CLEARED = {"distill_finetune@nlvr2-dide": "checkpoints/distill_finetune/nlvr2/dide"}
+"""The checkpoint folder a finished stage removes, where it is not its resume checkpoint's folder (distill_finetune:
+the variant's, holding one folder per seed, kept until the last replica is saved)."""
 
 
 def _checkpoint_every(stage: str, n: int) -> list[str]:
@@ -417,9 +442,19 @@ def _checkpoint_every(stage: str, n: int) -> list[str]:
 
 
 def _outputs(repo: Path, stage: str) -> dict[str, bytes]:
-    """Every byte a training stage writes: its model directory, metrics file and curve."""
-    _, model, metrics, curve, _ = STAGES[stage]
-    files = sorted((repo / model).iterdir()) + [repo / metrics, repo / curve]
+    """Every byte a training stage writes: the model directory, metrics file and curve of its last training run and
+    of each earlier replica."""
+    return {**_run_outputs(repo, STAGES[stage][1:4]), **_earlier_outputs(repo, stage)}
+
+
+def _earlier_outputs(repo: Path, stage: str) -> dict[str, bytes]:
+    """The outputs of the stage's earlier replicas alone."""
+    return {k: v for run in EARLIER.get(stage, []) for k, v in _run_outputs(repo, run[:3]).items()}
+
+
+def _run_outputs(repo: Path, run: tuple[str, str, str]) -> dict[str, bytes]:
+    model, metrics, curve = run
+    files = [*sorted((repo / model).iterdir()), repo / metrics, repo / curve]
     return {str(f.relative_to(repo)): f.read_bytes() for f in files}
 
 
@@ -452,7 +487,8 @@ stage script after the other in a single interpreter: the same scripts and outpu
 def tiny_repo(tmp_path_factory):
     """A git + DVC copy of the repository on :func:`_nlvr2_only_params` where distill_finetune@nlvr2-dide and every
     stage before it have run (:data:`BUILD`) and are recorded in dvc.lock (``dvc commit``) and committed, so that
-    ``dvc exp run --queue`` has a baseline; and the outputs of those uninterrupted training runs."""
+    ``dvc exp run --queue`` has a baseline; and the outputs of those uninterrupted training runs (distill_finetune:
+    both replicas)."""
     from test_pipeline import _copy_repo
 
     repo = tmp_path_factory.mktemp("faults") / "repo"
@@ -464,6 +500,7 @@ def tiny_repo(tmp_path_factory):
                 ["dvc", "commit", "-f", "--with-deps", "distill_finetune@nlvr2-dide"], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "tiny"]):
         _sh(cmd, repo, env)
+    assert not (repo / CLEARED["distill_finetune@nlvr2-dide"]).exists(), "a finished stage removes its checkpoints"
     return repo, env, {stage: _outputs(repo, stage) for stage in STAGES}
 
 
@@ -489,15 +526,16 @@ def _wait_for(proc: subprocess.Popen, ready, what: str, log: Path, timeout: floa
 
 
 def _interrupt(stage: str, signum: int, repo: Path, env: dict, extra: list[str], after_resume: bool = False) -> str:
-    """Run ``stage``; once fit is under way (its first step checkpoint is on disk, or it printed that it resumed)
-    send ``signum``. The stage must end with 128 + signum having written none of its outputs; returns its log."""
+    """Run ``stage``; once the fit of its last training run is under way (that run's first step checkpoint is on
+    disk, or it printed that it resumed from it) send ``signum``. The stage must end with 128 + signum having written
+    none of that run's outputs; returns its log."""
     args, model, metrics, _, ckpt = STAGES[stage]
     log = repo / "interrupted.log"
     (repo / metrics).unlink(missing_ok=True)
     before = (repo / ckpt).stat().st_mtime_ns if (repo / ckpt).exists() else None
     proc = _start([*args, *extra], repo, env, log)
     if after_resume:
-        _wait_for(proc, lambda: "resuming from" in log.read_text(), "it resumed", log)
+        _wait_for(proc, lambda: f"resuming from {ckpt} " in log.read_text(), "it resumed", log)
     else:
         _wait_for(proc, lambda: (repo / ckpt).exists() and (repo / ckpt).stat().st_mtime_ns != before,
                   "its first checkpoint", log)
@@ -512,14 +550,22 @@ def _interrupt(stage: str, signum: int, repo: Path, env: dict, extra: list[str],
     return text
 
 
-def _resumes(stage: str, repo: Path, env: dict, extra: list[str]) -> int:
-    """Rerun ``stage``: it must resume from its checkpoint and finish; returns the step it resumed at."""
-    args = STAGES[stage][0]
+def _resumes(stage: str, repo: Path, env: dict, extra: list[str]) -> str:
+    """Rerun ``stage``: it must resume its last training run from that run's checkpoint and finish, removing its
+    resume checkpoints; returns its console."""
+    args, ckpt = STAGES[stage][0], STAGES[stage][4]
     out = _sh([sys.executable, *args, *extra], repo, env)
-    resumed = re.search(r"resuming from \S+ at epoch \d+, batch \d+ \(step (\d+)\)", out.stdout)
-    assert resumed, out.stdout[-3000:]
-    assert not (repo / STAGES[stage][4]).exists(), "a finished stage removes its resume checkpoint"
-    return int(resumed.group(1))
+    assert _resumed_at(out.stdout, ckpt) is not None, out.stdout[-3000:]
+    assert not (repo / ckpt).exists(), "a finished stage removes its resume checkpoint"
+    assert not (repo / CLEARED.get(stage, Path(ckpt).parent)).exists(), "... and their folder"
+    return out.stdout
+
+
+def _resumed_at(text: str, ckpt: str) -> int | None:
+    """The step the run of ``ckpt`` resumed at, as ``fit`` printed it (None: it did not resume from ``ckpt``)."""
+    resumed = re.findall(rf"resuming from {re.escape(ckpt)} at epoch \d+, batch \d+ \(step (\d+)\)", text)
+    assert len(resumed) <= 1, text[-3000:]
+    return int(resumed[0]) if resumed else None
 
 
 def _stop_line(text: str, stage: str, signum: int) -> re.Match:
@@ -543,23 +589,39 @@ def test_distill_pretrain_sigterm_checkpoints_and_rerun_ends_as_the_uninterrupte
     text = _interrupt(stage, signal.SIGTERM, repo, env, extra)
     step = int(_stop_line(text, stage, signal.SIGTERM).group(1))
     assert step > 4
-    assert _resumes(stage, repo, env, extra) == step
+    assert _resumed_at(_resumes(stage, repo, env, extra), STAGES[stage][4]) == step
     assert _outputs(repo, stage) == reference[stage]
 
 
 @pytest.mark.slow
 def test_distill_finetune_killed_then_ctrl_c_then_rerun_ends_as_the_uninterrupted_run(tiny_repo):
-    """The dide student (teacher targets, attention KD): SIGKILL after the step-4 checkpoint; the rerun resumes
-    there and gets SIGINT (Ctrl-C): exit 130, one line saying where the checkpoint is; a second rerun resumes at
-    that step and writes exactly what ``dvc repro`` wrote."""
+    """The dide student (teacher targets, attention KD), two replicas (seeds 0 and 1) one after the other: SIGKILL
+    after the second replica's step-4 checkpoint, the first one saved (model, metrics, curve as ``dvc repro`` wrote
+    them) and its checkpoint kept. The rerun skips the first replica (resumed at its last step) and resumes the
+    second at step 4, then gets SIGINT (Ctrl-C): exit 130, one line saying where that replica's checkpoint is. Its
+    outputs removed as ``dvc repro`` removes them before it runs the stage, a second rerun makes the first
+    replica's again from its kept checkpoint, resumes the second at the step it stopped at, writes exactly what
+    ``dvc repro`` wrote and removes every checkpoint of the variant."""
     repo, env, reference = tiny_repo
     stage, extra = "distill_finetune@nlvr2-dide", _checkpoint_every("distill_finetune", 4)
+    (first_model, first_metrics, first_curve, first_ckpt), = EARLIER[stage]
+    earlier = {k: v for k, v in reference[stage].items() if k.startswith((first_model + "/", first_metrics,
+                                                                          first_curve))}
+    assert len(earlier) > 3 and earlier == _earlier_outputs(repo, stage)
+    (repo / first_metrics).unlink()
     _interrupt(stage, signal.SIGKILL, repo, env, extra)
+    assert _earlier_outputs(repo, stage) == earlier  # the first replica: trained again, saved, checkpoint kept
+    finished = torch.load(repo / first_ckpt, map_location="cpu", weights_only=False)["step"]
+    assert finished == 16
     text = _interrupt(stage, signal.SIGINT, repo, env, extra, after_resume=True)
-    assert "resuming from" in text and "(step 4)" in text
+    assert _resumed_at(text, first_ckpt) == finished and _resumed_at(text, STAGES[stage][4]) == 4
     step = int(_stop_line(text, stage, signal.SIGINT).group(1))
     assert step > 4
-    assert _resumes(stage, repo, env, extra) == step
+    assert _earlier_outputs(repo, stage) == earlier and (repo / first_ckpt).is_file()
+    for path in (first_model, first_metrics, first_curve):  # what dvc repro removes before it runs the stage: its
+        shutil.rmtree(repo / Path(path).parent)                # outputs, the variant's folders (every replica's)
+    text = _resumes(stage, repo, env, extra)
+    assert _resumed_at(text, first_ckpt) == finished and _resumed_at(text, STAGES[stage][4]) == step
     assert _outputs(repo, stage) == reference[stage]
 
 

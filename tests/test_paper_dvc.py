@@ -19,16 +19,28 @@ import yaml
 from conftest import ROOT
 
 PAPER_TASKS = ("nlvr2", "snli_ve", "vqa", "retrieval")
-KNOWLEDGE_TABLE = ["gt", "soft", "soft_hidden", "soft_attn_all", "soft_attn_cross", "soft_attn_uni"]
+ABLATION_RUNS = ["soft", "soft_hidden", "soft_attn_all", "soft_attn_cross", "soft_attn_uni"]
+"""The knowledge table's rows that the paper file defines as variants but does not train."""
+KNOWLEDGE_TABLE = ["dual_gt", *ABLATION_RUNS]
+"""DiDE's knowledge table: its gt row is ``dual_gt``, a run of the paper file already."""
 
 
-def _paper_stages(runs: list[str], ablation: list[str], seeds: list[int]) -> set[str]:
-    """Every stage ``dvc.yaml`` expands to under the paper params."""
+def _paper_stages(runs: list[str]) -> set[str]:
+    """Every stage ``dvc.yaml`` expands to under the paper params: one ``distill_finetune`` per run of ``runs``
+    (whatever ``seeds`` holds: the replicas of a run are trained by its one stage), no other training stage."""
     return {"prepare@pretrain", *(f"prepare@{t}" for t in PAPER_TASKS), "tokenizer", "teacher_pretrain",
             *(f"teacher_finetune@{t}" for t in PAPER_TASKS), "distill_pretrain",
-            *(f"distill_finetune@{r}" for r in runs), *(f"distill_ablation@{v}-{s}" for v in ablation for s in seeds),
+            *(f"distill_finetune@{r}" for r in runs),
             *(f"evaluate@{t}" for t in PAPER_TASKS), *(f"export@{t}" for t in PAPER_TASKS), "benchmark",
             "deploy_benchmark", "report"}
+
+
+def _dry_stages(repo: Path, env: dict) -> tuple[list[str], str]:
+    """The stages ``dvc repro --dry -f`` would run (each once) and its output."""
+    dry = _dvc(["repro", "--dry", "-f"], repo, env).stdout
+    listed = re.findall(r"Running stage '([^']+)'", dry)
+    assert len(listed) == len(set(listed)), listed
+    return listed, dry
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +66,46 @@ def test_paper_params_parse_under_dvc_and_dry_run_lists_every_stage(paper_repo):
     paper = yaml.safe_load((ROOT / "params.paper.yaml").read_text())
     status = _dvc(["status"], repo, env).stdout
     assert "prepare@nlvr2" in status and "report" in status  # nothing run yet: every stage is out of date
-    dry = _dvc(["repro", "--dry", "-f"], repo, env).stdout
-    listed = re.findall(r"Running stage '([^']+)'", dry)
-    assert len(listed) == len(set(listed))
-    assert set(listed) == _paper_stages(list(paper["runs"]), [], [])
+    listed, dry = _dry_stages(repo, env)
+    assert set(listed) == _paper_stages(list(paper["runs"]))
+    assert not any(stage.startswith("distill_ablation") for stage in listed)  # ablation rows are runs now
     assert "python stages/distill_finetune.py --task nlvr2 --variant dide" in dry
+    assert paper["seeds"] == [0] and paper["ablation"]["tables"] == {}  # DiDE's single runs, no ablation trained
 
 
 def test_paper_ablations_expand_when_switched_on(paper_repo):
-    """The ablation variants the paper file defines run as ``distill_ablation@<variant>-<seed>`` once listed (what
-    ``dvc exp run -S ablation.variants=[...]`` writes into params.yaml), at the paper's seeds."""
-    repo, env = paper_repo
-    params = yaml.safe_load((ROOT / "params.paper.yaml").read_text())
-    params["ablation"]["variants"] = KNOWLEDGE_TABLE
-    params["ablation"]["tables"] = {"knowledge": KNOWLEDGE_TABLE}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        listed = set(re.findall(r"Running stage '([^']+)'", _dvc(["repro", "--dry", "-f"], repo, env).stdout))
-        assert listed == _paper_stages(list(params["runs"]), KNOWLEDGE_TABLE, params["report"]["seeds"])
-        assert len(params["report"]["seeds"]) >= 3
-        from vldistill.config import load
+    """An ablation row is one more run on ``ablation.task``: ``dvc exp run -S '+runs.nlvr2-soft={task: nlvr2,
+    variant: soft}' -S '+ablation.tables.knowledge=[dual_gt,soft]'`` (applied here by DVC's own ``-S`` parser, which
+    needs the ``+`` for keys the file lacks) adds one ``distill_finetune@nlvr2-<variant>`` stage per row; a table row
+    that no run trains on nlvr2 is refused; more seeds mean more replicas in the same stages, not more stages."""
+    from dvc.utils.hydra import apply_overrides
 
-        assert load(repo / "params.yaml").ablation_models("nlvr2")[:3] == ["gt_seed0", "gt_seed1", "gt_seed2"]
+    from vldistill.config import ConfigError, load
+
+    repo, env = paper_repo
+    path = repo / "params.yaml"
+    paper = yaml.safe_load((ROOT / "params.paper.yaml").read_text())
+    try:
+        apply_overrides(path, [f"+ablation.tables.knowledge=[{','.join(KNOWLEDGE_TABLE)}]"])
+        with pytest.raises(ConfigError) as info:  # the table alone: its rows other than dual_gt are not trained
+            load(path)
+        assert 'ablation.tables.knowledge[1]="soft": not a variant that runs trains on ablation.task=nlvr2 ' \
+               "(have: ['dide', 'dual_gt'])" in str(info.value)
+
+        apply_overrides(path, [f"+runs.nlvr2-{v}={{task: nlvr2, variant: {v}}}" for v in ABLATION_RUNS])
+        params = load(path)
+        runs = [*paper["runs"], *(f"nlvr2-{v}" for v in ABLATION_RUNS)]
+        assert list(params.runs) == runs and params.ablation.tables == {"knowledge": KNOWLEDGE_TABLE}
+        listed, dry = _dry_stages(repo, env)
+        assert set(listed) == _paper_stages(runs)
+        for variant in ABLATION_RUNS:
+            assert f"python stages/distill_finetune.py --task nlvr2 --variant {variant}" in dry
+        assert params.seeds == [0]
+        assert params.task_models("nlvr2") == [f"{v}_seed0" for v in ["dide", "dual_gt", *ABLATION_RUNS]]
+
+        apply_overrides(path, ["seeds=[0,1,2]"])
+        assert set(_dry_stages(repo, env)[0]) == _paper_stages(runs)
+        assert load(path).task_models("nlvr2")[:6] == ["dide_seed0", "dide_seed1", "dide_seed2",
+                                                       "dual_gt_seed0", "dual_gt_seed1", "dual_gt_seed2"]
     finally:
-        (repo / "params.yaml").write_text((ROOT / "params.paper.yaml").read_text())
+        path.write_text((ROOT / "params.paper.yaml").read_text())

@@ -221,8 +221,21 @@ def test_runs_table_is_checked(tmp_path):
     params = load(ROOT / "params.yaml")
     assert params.task_variants("vqa") == ["dide", "dual_gt", "fusion_gt", "fusion_distillvlm"]
     assert params.student_kind("fusion_gt") == "fusion" and params.student_kind("dide") == "dual"
-    seeded = load(ROOT / "params.yaml", ["variants.dide_seed1={seed: 1}"])
-    assert seeded.variant_seed("dide_seed1") == 1 and seeded.variant("dide_seed1") == seeded.variant("dide")
+    with pytest.raises(ConfigError, match=r"unknown key 'variants\.dide_seed1\.seed'"):  # seeds are per run: seeds
+        load(ROOT / "params.yaml", ["variants.dide_seed1={seed: 1}"])
+    reseeded = load(ROOT / "params.yaml", ["seeds=[5, 2]"])
+    assert reseeded.task_variants("vqa") == params.task_variants("vqa")  # seeds add replicas, not runs
+    assert reseeded.task_models("vqa") == ["dide_seed5", "dide_seed2", "dual_gt_seed5", "dual_gt_seed2",
+                                           "fusion_gt_seed5", "fusion_gt_seed2", "fusion_distillvlm_seed5",
+                                           "fusion_distillvlm_seed2"]
+    from vldistill import paths
+    from vldistill.evaluate.run import lead_replica, models_for
+
+    found = models_for("vqa", reseeded)  # what evaluate@vqa loads: the teacher, then every replica
+    assert list(found) == ["teacher", *reseeded.task_models("vqa")]
+    assert found["teacher"] == paths.model_dir("teacher_finetune", "vqa")
+    assert found["fusion_gt_seed2"] == paths.replica_dir("vqa", "fusion_gt", 2)
+    assert lead_replica(reseeded, "dual_gt") == "dual_gt_seed5"  # the first seed's replica stands for the variant
     with pytest.raises(ConfigError, match="runs"):
         load(ROOT / "params.yaml", ["runs.nlvr2-dide.variant=nope"])
     with pytest.raises(ConfigError, match="runs"):
@@ -244,7 +257,7 @@ def test_vqa_head_of_a_released_checkpoint_is_remapped_to_the_prepared_answers(t
 
 
 def test_report_recognises_seed_replicas():
-    from vldistill.report.tables import has_seed_replicas, label
+    from vldistill.report.tables import label
 
-    assert has_seed_replicas(["teacher", "dide", "dide_seed1"]) and not has_seed_replicas(["teacher", "seed1", "dide"])
+    assert label("seed1") == "seed1" and label("dide") == "DiDE (distilled dual encoder)"
     assert label("dual_gt_seed1") == "Dual encoder, ground-truth labels only (seed 1)"

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from vldistill import params_audit
 from vldistill.config import TASKS, FabricParams, Params, load_or_exit
 from vldistill.memory import return_large_blocks
 
-FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "distill_ablation",
-                 "evaluate")
+FABRIC_STAGES = ("teacher_pretrain", "teacher_finetune", "distill_pretrain", "distill_finetune", "evaluate")
 """Stages (``stages/<name>.py``) that train or evaluate through Lightning Fabric with ``fabric.*``: this machine is
 checked against ``fabric.*`` before they start (:func:`machine_error`)."""
 
@@ -58,6 +58,7 @@ def stage_args(description: str, task: bool = False, variant: bool = False, any_
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return_large_blocks()  # freed batches go back to the OS (vldistill.memory says why)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen under `dvc repro`
+    params_audit.watch(params)  # only with VLDISTILL_PARAMS_AUDIT set: which params the stage reads (a test)
     return args, params
 
 

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vldistill.paths import replica_name
+
 TASKS = ("nlvr2", "snli_ve", "vqa", "retrieval")
 """Downstream tasks: teacher fine-tuning, distillation and evaluation run end to end for each."""
 KNOWLEDGE = ("gt", "soft", "hidden", "attn_all", "attn_cross", "attn_uni", "attn_mse", "token_nce")
@@ -316,26 +318,26 @@ class DistillParams(Strict):
 
 
 class VariantParams(Strict):
-    """One named student trained by ``distill_finetune@<task>-<variant>``: fields left out come from ``distill``
-    (recipe), ``student.kind`` (student) and ``seed``."""
+    """One named student trained by ``distill_finetune@<task>-<variant>`` (once per seed of ``seeds``): fields left
+    out come from ``distill`` (recipe) and ``student.kind`` (student)."""
 
     knowledge: list[Knowledge] | None = None
     layers: Literal["last", "layerwise"] | None = None
     stages: list[Literal["pretrain", "finetune"]] | None = None
     student: Literal["dual", "fusion"] | None = Field(None, description="dual encoder or small fusion student")
-    seed: int | None = Field(None, ge=0, description="training seed of this variant (default: the top-level seed)")
 
     _knowledge = field_validator("knowledge")(classmethod(lambda cls, v: _check_knowledge(v)))
     _stages = field_validator("stages")(classmethod(lambda cls, v: _check_stages(v)))
 
     def resolve(self, base: DistillParams) -> DistillParams:
         """The full distillation recipe of this variant: ``base`` with this variant's recipe fields replaced."""
-        recipe = self.model_dump(exclude_none=True, exclude={"student", "seed"})
+        recipe = self.model_dump(exclude_none=True, exclude={"student"})
         return DistillParams(**{**base.model_dump(), **recipe})
 
 
 class RunParams(Strict):
-    """One fine-tuning distillation run, ``distill_finetune@<task>-<variant>`` (the key of ``runs``)."""
+    """One fine-tuning distillation run, ``distill_finetune@<task>-<variant>`` (the key of ``runs``): the variant
+    trained on the task once per seed of ``seeds``, each replica its own model ``<variant>_seed<k>``."""
 
     task: Literal[TASKS]
     variant: str
@@ -553,26 +555,15 @@ class EvaluateParams(Strict):
 
 
 class AblationParams(Strict):
-    """The ablation study (report tables 4–7): each variant of ``variants`` is trained on ``task`` once per seed of
-    ``report.seeds`` by ``distill_ablation@<variant>-<seed>`` (model ``<variant>_seed<seed>``), with the task's
-    ``distill_finetune`` budget changed by ``budget``. ``tables`` says which variants each report table compares."""
+    """The ablation tables of the report (4–7): ``tables`` says which variants each one compares; every variant
+    listed must be trained on ``task`` by ``runs`` (so at the main runs' budget, over every seed of ``seeds``)."""
 
     task: Literal[TASKS] = "nlvr2"
-    variants: list[str] = []
-    budget: BudgetOverride = BudgetOverride()
     tables: dict[Literal[ABLATION_TABLES], list[str]] = {}
 
 
 class ReportParams(Strict):
     decimals: int = Field(1, ge=0, le=4)
-    seeds: list[int] = Field([0, 1, 2], description="training seeds of every ablation variant (mean ± std per cell)")
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError(f"seeds={seeds}: must be a non-empty list of distinct non-negative ints")
-        return seeds
 
 
 class ExportParams(Strict):
@@ -581,6 +572,8 @@ class ExportParams(Strict):
     opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graphs")
     atol: float = Field(1e-4, gt=0, description="largest |onnxruntime - PyTorch| accepted on the parity batch")
     parity_examples: int = Field(8, ge=2, description="test examples the exported graphs are checked on")
+    variants: list[str] = Field(["dide", "dual_gt"], description="dual students exported (each task's that runs "
+                                "trains; the replica of the first seed)")
 
 
 class DeployBenchParams(Strict):
@@ -620,7 +613,9 @@ class DeployParams(Strict):
 
 
 class Params(Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="data generation, teachers and distill_pretrain")
+    seeds: list[int] = Field([0, 1, 2], description="training seeds of every fine-tuned student: each run of runs "
+                             "trains one replica per seed (tables: mean ± std and a 95% interval)")
     tasks: list[Literal[TASKS]] = ["nlvr2"]
     data: DataParams = DataParams()
     tokenizer: TokenizerParams = TokenizerParams()
@@ -638,6 +633,13 @@ class Params(Strict):
     report: ReportParams = ReportParams()
     deploy: DeployParams = DeployParams()
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"seeds={seeds}: must be a non-empty list of distinct non-negative ints")
+        return seeds
+
     @model_validator(mode="after")
     def _consistent(self):
         for task in self.tasks:
@@ -649,6 +651,9 @@ class Params(Strict):
         for name in self.variants:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"variants.{name}: a variant name must be letters, digits and '_'")
+            if name == "teacher":
+                raise ValueError("variants.teacher: 'teacher' names the fine-tuned teacher (metrics/eval/<task>/"
+                                 "teacher.json); give the student another name")
         for key, run in self.runs.items():
             if key != f"{run.task}-{run.variant}":
                 raise ValueError(f"runs.{key}: the key must be '<task>-<variant>' = '{run.task}-{run.variant}'")
@@ -676,31 +681,18 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _ablation_consistent(self):
+        """Every variant of an ablation table is one that ``runs`` trains on ``ablation.task``."""
         study = self.ablation
-        if study.variants and study.task not in self.tasks:
+        if study.tables and study.task not in self.tasks:
             raise ValueError(f"ablation.task={_shown(study.task)}: not in tasks {list(self.tasks)}")
-        for i, name in enumerate(study.variants):
-            if name not in self.variants:
-                raise ValueError(f"ablation.variants[{i}]={_shown(name)}: not in variants {sorted(self.variants)}")
-        if len(set(study.variants)) != len(study.variants):
-            raise ValueError(f"ablation.variants={study.variants}: lists a variant twice")
+        trained = self.task_variants(study.task)
         for table, names in study.tables.items():
+            if len(set(names)) != len(names):
+                raise ValueError(f"ablation.tables.{table}={names}: lists a variant twice")
             for i, name in enumerate(names):
-                if name not in study.variants:
-                    raise ValueError(f"ablation.tables.{table}[{i}]={_shown(name)}: not in ablation.variants "
-                                     f"{study.variants}")
-        clash = set(self.ablation_models()) & set(self.task_variants(study.task))
-        if clash:
-            raise ValueError(f"variants.{sorted(clash)[0]}: name clashes with an ablation model <variant>_seed<seed> "
-                             f"on {study.task}; rename it")
-        try:
-            self.train.distill_finetune_tasks.get(study.task, BudgetOverride()).model_copy(
-                update=study.budget.model_dump(exclude_unset=True)).resolve(self.train.distill_finetune)
-        except ValidationError as err:
-            message = err.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
-            raise ValueError(f"ablation.budget.{message} (over train.distill_finetune"
-                             f"{'_tasks.' + study.task if study.task in self.train.distill_finetune_tasks else ''})"
-                             ) from None
+                if name not in trained:
+                    raise ValueError(f"ablation.tables.{table}[{i}]={_shown(name)}: not a variant that runs trains "
+                                     f"on ablation.task={study.task} (have: {trained})")
         return self
 
     def variant(self, name: str) -> DistillParams:
@@ -771,14 +763,10 @@ class Params(Strict):
         budgets = [(self, stage, None, [f"train.{stage}"]) for stage in ("teacher_pretrain", "distill_pretrain")]
         budgets += [(self, stage, task, [f"train.{stage}_tasks.{task}", f"train.{stage}"])
                     for stage in PER_TASK_STAGES for task in self.tasks]
-        if self.ablation.variants:
-            task = self.ablation.task
-            budgets.append((self.for_ablation(self.ablation.variants[0], self.report.seeds[0])[0], "distill_finetune",
-                            task, ["ablation.budget", f"train.distill_finetune_tasks.{task}", "train.distill_finetune"]))
         for params, stage, task, keys in budgets:
             layers = [self._budget_layer(key) for key in keys]
 
-            def origin(field: str) -> str:  # the first layer (ablation, per task, stage) that sets ``field``
+            def origin(field: str) -> str:  # the first layer (per task, stage) that sets ``field``
                 return next(key for key, layer in zip(keys, layers, strict=True)
                             if layer is not None and field in layer.model_fields_set or key == keys[-1])
 
@@ -794,10 +782,8 @@ class Params(Strict):
         return self
 
     def _budget_layer(self, key: str) -> BaseModel | None:
-        """The budget object a dotted key names: ``ablation.budget``, ``train.<stage>``, ``train.<stage>_tasks.<task>``
-        (None when that task has no override)."""
-        if key == "ablation.budget":
-            return self.ablation.budget
+        """The budget object a dotted key names: ``train.<stage>``, ``train.<stage>_tasks.<task>`` (None when that
+        task has no override)."""
         parts = key.split(".")
         if len(parts) == 2:
             return getattr(self.train, parts[1])
@@ -814,38 +800,14 @@ class Params(Strict):
         """``dual`` or ``fusion``: the variant's own ``student`` or else ``student.kind``."""
         return self.variants[variant].student or self.student.kind
 
-    def variant_seed(self, variant: str) -> int:
-        return self.seed if self.variants[variant].seed is None else self.variants[variant].seed
-
     def task_variants(self, task: str) -> list[str]:
         """The variants ``runs`` trains on ``task``, in the order of ``runs``."""
         return [run.variant for run in self.runs.values() if run.task == task]
 
-    def ablation_models(self, task: str | None = None) -> list[str]:
-        """Model names of the ablation runs (``<variant>_seed<seed>``), or ``[]`` for another task than
-        ``ablation.task``."""
-        if task not in (None, self.ablation.task):
-            return []
-        return [ablation_model(v, s) for v in self.ablation.variants for s in self.report.seeds]
-
-    def for_ablation(self, variant: str, seed: int) -> tuple[Params, str]:
-        """The params of one ablation run and its model name: ``variants.<variant>`` with ``seed``, registered as
-        ``<variant>_seed<seed>``, and ``ablation.budget`` applied over ``train.distill_finetune_tasks.<task>``."""
-        if variant not in self.ablation.variants or seed not in self.report.seeds:
-            raise ConfigError(f"ablation run {variant!r} seed {seed}: not in ablation.variants "
-                              f"{self.ablation.variants} x report.seeds {self.report.seeds}")
-        name, task = ablation_model(variant, seed), self.ablation.task
-        variants = {**self.variants, name: self.variants[variant].model_copy(update={"seed": seed})}
-        base = self.train.distill_finetune_tasks.get(task, BudgetOverride())
-        override = base.model_copy(update=self.ablation.budget.model_dump(exclude_unset=True))
-        train = self.train.model_copy(update={"distill_finetune_tasks": {**self.train.distill_finetune_tasks,
-                                                                         task: override}})
-        return self.model_copy(update={"variants": variants, "train": train}), name
-
-
-def ablation_model(variant: str, seed: int) -> str:
-    """Name of an ablation run's model: ``<variant>_seed<seed>``."""
-    return f"{variant}_seed{seed}"
+    def task_models(self, task: str) -> list[str]:
+        """The students ``runs`` trains on ``task``: one model ``<variant>_seed<k>`` per variant and seed of
+        ``seeds``, variant by variant in the order of ``runs``."""
+        return [replica_name(variant, seed) for variant in self.task_variants(task) for seed in self.seeds]
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -898,7 +860,7 @@ def _one_line(err: ValidationError, source: str) -> str:
     named = _NAMED.match(message) if first["type"] == "value_error" else None
     if named:
         name = named.group(1)
-        # a field validator names its own field (``seeds=...`` at ``report.seeds``): do not repeat it
+        # a field validator names its own field (``seeds=...`` at ``seeds``): do not repeat it
         full = key if not loc or key == name or key.endswith("." + name) else f"{key}.{name}"
         full = name if not loc else full
         return f"{source}: {full}{named.group(2) or ''}: {named.group(3)}"

@@ -13,6 +13,27 @@ def model_dir(stage: str, task: str | None = None, variant: str | None = None) -
     return Path("models", stage, *(p for p in (task, variant) if p))
 
 
+def replica_name(variant: str, seed: int) -> str:
+    """Model name of one seed's replica of a ``runs`` variant: ``<variant>_seed<seed>`` (metrics/eval, predictions)."""
+    return f"{variant}_seed{seed}"
+
+
+def replica_dir(task: str, variant: str, seed: int) -> Path:
+    """``models/distill_finetune/<task>/<variant>/seed<seed>``: one seed's student of ``distill_finetune@<task>-<variant>``
+    (the stage's output is the variant's folder, one sub-folder per seed of ``seeds``)."""
+    return model_dir("distill_finetune", task, variant) / f"seed{seed}"
+
+
+def replica_curve(task: str, variant: str, seed: int) -> Path:
+    """``plots/train/distill_finetune/<task>/<variant>/seed<seed>.csv``: one replica's training curve."""
+    return Path("plots/train/distill_finetune", task, variant, f"seed{seed}.csv")
+
+
+def replica_metrics(task: str, variant: str, seed: int) -> Path:
+    """``metrics/train/distill_finetune/<task>/<variant>/seed<seed>.json``: one replica's training summary."""
+    return Path("metrics/train/distill_finetune", task, variant, f"seed{seed}.json")
+
+
 def checkpoint_dir(stage: str, task: str | None = None, variant: str | None = None) -> Path:
     """Resume checkpoints of an unfinished stage (git-ignored, not a DVC output, so DVC does not delete them)."""
     return Path("checkpoints", stage, *(p for p in (task, variant) if p))

@@ -1,8 +1,9 @@
 """``benchmark``: latency per example and retrieval cost against gallery size, at two scales.
 
-- ``embedded``: the trained models of this pipeline (``models/teacher_finetune/<task>``,
-  ``models/distill_finetune/<task>/dide``) on the first examples of each task's test split; retrieval on synthetic
-  galleries with the trained retrieval models (random weights at the embedded size when retrieval is not a task).
+- ``embedded``: the trained models of this pipeline (``models/teacher_finetune/<task>`` and the DiDE replica of the
+  first seed of ``seeds``, ``models/distill_finetune/<task>/dide/seed<k>``) on the first examples of each task's test
+  split; retrieval on synthetic galleries with the trained retrieval models (random weights at the embedded size when
+  retrieval is not a task).
 - ``paper``: ViLT-B/32 and its dual encoder with random weights on synthetic inputs (:mod:`vldistill.bench.paper`),
   when ``bench.paper.enabled``.
 
@@ -123,7 +124,7 @@ def embedded_latency(params: Params) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for task in tasks:
         teacher = _place(ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval(), fabric)
-        student = _place(DualEncoder.load(paths.model_dir("distill_finetune", task, "dide")).eval(), fabric)
+        student = _place(DualEncoder.load(paths.replica_dir(task, "dide", params.seeds[0])).eval(), fabric)
         split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len,
                            params.teacher.pixel_norm)
         with fabric.autocast():
@@ -167,7 +168,7 @@ def embedded_retrieval_models(params: Params) -> tuple[ViltTeacher, DualEncoder,
     the embedded size (``teacher.*``, ``tokenizer.vocab_size``, the scene image size); and which it was."""
     if "retrieval" in params.tasks:
         teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", "retrieval"))
-        student = DualEncoder.load(paths.model_dir("distill_finetune", "retrieval", "dide"))
+        student = DualEncoder.load(paths.replica_dir("retrieval", "dide", params.seeds[0]))
         return teacher.eval(), student.eval(), "trained"
     image_size = params.data.scene.grid * params.data.scene.cell
     config = vilt_config(params.teacher, image_size, params.tokenizer.vocab_size)
@@ -219,9 +220,10 @@ def _timing(knobs) -> dict:
     return {k: getattr(knobs, k) for k in TIMING}
 
 
-def latency_setup(bench: BenchParams) -> dict:
-    """How each latency scale was measured (recorded beside the numbers)."""
-    out = {"embedded": {"models": "trained: models/teacher_finetune/<task>, models/distill_finetune/<task>/dide",
+def latency_setup(bench: BenchParams, seed: int) -> dict:
+    """How each latency scale was measured (recorded beside the numbers); ``seed``: the DiDE replica timed."""
+    out = {"embedded": {"models": f"trained: models/teacher_finetune/<task>, "
+                                  f"{paths.replica_dir('<task>', 'dide', seed).as_posix()} (the first seed of seeds)",
                         "inputs": "test split, first <batch> examples", "batch_sizes": bench.batch_sizes,
                         "warmup_per": "measurement", **_timing(bench)},
            "units": UNITS}
@@ -261,7 +263,7 @@ def run_latency(params: Params) -> dict:
     if bench.paper.enabled:
         with torch_threads(bench.paper.threads):
             results["paper"] = paper_latency(bench, precision=precision)
-    results |= {"device": device_info(bench, precision), "setup": latency_setup(bench)}
+    results |= {"device": device_info(bench, precision), "setup": latency_setup(bench, params.seeds[0])}
     write_json(paths.LATENCY, results)
     return results
 

@@ -96,7 +96,7 @@ def missing_source(task: str, cfg) -> str | None:
         return None
     if cfg.root and not Path(cfg.root).exists() and not cfg.url:
         return (f"data.{task}.root={json.dumps(cfg.root)}: directory not found, and data.{task}.url is not set; "
-                "unpack the official release there (see README, Data) or set url")
+                "unpack the official release there (see docs/data.md) or set url")
     vg_root = getattr(cfg, "vg_root", None)
     if vg_root and not Path(vg_root).is_dir():
         return (f"data.{task}.vg_root={json.dumps(vg_root)}: directory not found; it must hold Visual Genome's "

@@ -20,16 +20,24 @@ SPLITS = ("dev", "test")
 ATTENTION_EXAMPLES = 4
 """Test examples (the first ones) shown in each task's attention figure."""
 ATTENTION_MODELS = ("teacher", "dide", "dual_gt")
-"""Models whose maps the figure compares (those trained on the task); dual_gt shows what no attention KD gives."""
+"""Models whose maps the figure compares (those trained on the task, students by their first seed's replica);
+dual_gt shows what no attention KD gives."""
 
 
 def models_for(task: str, params: Params) -> dict[str, object]:
-    """``{"teacher": path, "<variant>": path, ..., "<ablation variant>_seed<k>": path}``: the checkpoints evaluated
-    for ``task`` (every run of ``runs`` on it, and the ablation runs when it is ``ablation.task``)."""
+    """``{"teacher": path, "<variant>_seed<k>": path, ...}``: the checkpoints evaluated for ``task``, the fine-tuned
+    teacher and every seed's replica of every run of ``runs`` on it."""
     found = {"teacher": paths.model_dir("teacher_finetune", task)}
-    for variant in params.task_variants(task) + params.ablation_models(task):
-        found[variant] = paths.model_dir("distill_finetune", task, variant)
+    for variant in params.task_variants(task):
+        for seed in params.seeds:
+            found[paths.replica_name(variant, seed)] = paths.replica_dir(task, variant, seed)
     return found
+
+
+def lead_replica(params: Params, variant: str) -> str:
+    """The replica that stands for ``variant`` where one model is needed (re-ranking candidates, the attention
+    figure, exports, latency): the one of the first seed of ``seeds``."""
+    return paths.replica_name(variant, params.seeds[0])
 
 
 def ranking(name: str, is_dual: bool, params: Params) -> str:
@@ -38,7 +46,7 @@ def ranking(name: str, is_dual: bool, params: Params) -> str:
     knobs = params.evaluate
     if is_dual or knobs.rerank_k is None:
         return "full"
-    return f"rerank@{knobs.rerank_k} by {knobs.rerank_with}"
+    return f"rerank@{knobs.rerank_k} by {lead_replica(params, knobs.rerank_with)}"
 
 
 def evaluate_task(params: Params, task: str, fabric=None) -> dict[str, dict]:
@@ -63,7 +71,7 @@ def evaluate_task(params: Params, task: str, fabric=None) -> dict[str, dict]:
     found = models_for(task, params)
     candidates = {}
     if task == "retrieval" and params.evaluate.rerank_k is not None:
-        dual = sharding.place(load_student(found[params.evaluate.rerank_with]), fabric)
+        dual = sharding.place(load_student(found[lead_replica(params, params.evaluate.rerank_with)]), fabric)
         candidates = {s: rerank_candidates(retrieval_scores(dual, splits[s], fabric=fabric), params.evaluate.rerank_k)
                       for s in SPLITS}
         del dual
@@ -106,8 +114,9 @@ def attention_figure(params: Params, task: str, out) -> object:
     available = models_for(task, params)
     maps = {}
     for name in ATTENTION_MODELS:
-        if name in available:
-            model = (ViltTeacher.load(available[name]) if name == "teacher" else load_student(available[name])).eval()
+        key = name if name == "teacher" else lead_replica(params, name)
+        if key in available:
+            model = (ViltTeacher.load(available[key]) if name == "teacher" else load_student(available[key])).eval()
             maps[name] = text_to_image_maps(model, batch)
     image_key = "image_left" if "image_left" in split.columns else "image"
     images = split.images[split.columns[image_key][batch["index"]]]

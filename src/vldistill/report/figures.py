@@ -1,14 +1,14 @@
-"""Figures of the report that a person would rather look at than read: latency bars, retrieval cost against the
-gallery size, and the ablation variants' dev curves. Each reads this run's files and writes one PNG."""
+"""Figures of the report that a person would rather look at than read: the headline scores and speed-up, latency
+bars, retrieval cost against the gallery size, and the ablation variants' dev curves. Each reads this run's files
+and writes one PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from vldistill.io import save_figure
-from vldistill.report.tables import deploy_rows
+from vldistill.report.tables import (TEACHER, deploy_rows, label, missing, plot_seed_band, read_json, replica_curves,
+                                     seed_scores)
 
 MODEL_COLOURS = {"teacher": "tab:red", "dual": "tab:blue", "dual_cached": "tab:green"}
 MODEL_NAMES = {"teacher": "ViLT teacher", "dual": "dual encoder", "dual_cached": "dual, images cached"}
@@ -80,31 +80,77 @@ def plot_retrieval_cost(cost: dict, out: str | Path) -> Path:
 
 def plot_ablation_curves(plots_dir: str | Path, task: str, variants: list[str], seeds: list[int], metric: str,
                          out: str | Path, title: str) -> Path | None:
-    """Dev ``metric`` against optimizer step for each ablation variant, mean over its seeds (band: min–max);
-    ``None`` when no curve file exists."""
+    """Dev ``metric`` against optimizer step for each ablation variant, mean over its seeds' curves
+    (``plots/train/distill_finetune/<task>/<variant>/seed<k>.csv``; band: min–max); ``None`` when no curve exists."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for variant in variants:
-        frames = []
-        for seed in seeds:
-            path = Path(plots_dir) / "train" / "distill_finetune" / task / f"{variant}_seed{seed}.csv"
-            if path.is_file():
-                frame = pd.read_csv(path)
-                if f"dev_{metric}" in frame:
-                    frames.append(frame.dropna(subset=[f"dev_{metric}"]).set_index("step")[f"dev_{metric}"] * 100)
-        if not frames:
+        dev = replica_curves(plots_dir, task, variant, seeds, f"dev_{metric}") * 100
+        if dev.empty:
             continue
-        joined = pd.concat(frames, axis=1)
-        line = ax.plot(joined.index, joined.mean(axis=1), marker="o", label=f"{variant} ({len(frames)} seeds)")
-        ax.fill_between(joined.index, joined.min(axis=1), joined.max(axis=1), color=line[0].get_color(), alpha=0.15)
+        plot_seed_band(ax, [dev[seed] for seed in dev], marker="o", label=f"{variant} ({dev.shape[1]} seeds)")
         drawn = True
     if not drawn:
-        _pyplot().close(fig)
+        plt.close(fig)
         return None
     ax.set(xlabel="optimizer step", ylabel=f"dev {metric} (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+HEADLINE_MODELS = (TEACHER, "dide", "dual_gt")
+"""The models of the headline figure (and of README's table): the teacher, DiDE and its ground-truth-only twin."""
+
+
+def plot_headline(metrics_dir: str | Path, tasks: list[str], metrics: dict[str, str], seeds: list[int],
+                  out: str | Path, batch_size: int = 1) -> Path:
+    """Left: test score (%) of each task's main metric (``metrics[task]``; retrieval: mean recall) for the
+    teacher, DiDE and dual-GT, bars at the mean over seeds with the 95% interval of the mean as error bar (the
+    teacher is one run: no bar; a model without every seed's file is written as missing). Right, from
+    ``metrics/bench/latency.json``: DiDE's speed-up over the teacher per timed task at ``batch_size``, per scale,
+    uncached and with cached image representations."""
+    plt = _pyplot()
+    fig, (scores, speed) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    width, labelled = 0.27, set()
+    for i, model in enumerate(HEADLINE_MODELS):
+        for x, task in enumerate(tasks):
+            summary, absent = seed_scores(metrics_dir, task, model, seeds, "test", metrics[task])
+            at = x + (i - 1) * width
+            if absent:
+                scores.text(at, 1, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            error = None if summary.half_width is None else [[summary.half_width], [summary.half_width]]
+            scores.bar(at, summary.mean, width, yerr=error, capsize=3, color=f"C{i}",
+                       label=None if model in labelled else label(model))
+            labelled.add(model)
+            scores.annotate(f"{summary.mean:.1f}", (at, summary.mean + (summary.half_width or 0)),
+                            textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    scores.set_xticks(range(len(tasks)), [f"{t}\n{metrics[t]}" for t in tasks])
+    scores.set(ylabel="test score (%)", title=f"Test score: mean over seeds {seeds}, 95% interval (teacher: one run)")
+    scores.legend(fontsize=8, loc="lower left")
+    scores.grid(axis="y", alpha=0.3)
+    latency = read_json(Path(metrics_dir) / "bench" / "latency.json") or {}
+    bars = [(scale, key) for scale in ("embedded", "paper") if latency.get(scale)
+            for key in ("speedup_uncached", "speedup_cached")]
+    timed = [t for t in tasks if any(str(batch_size) in (latency[s].get(t) or {}) for s, _ in bars)]
+    for i, (scale, key) in enumerate(bars):
+        at = [x + (i - (len(bars) - 1) / 2) * 0.8 / len(bars) for x in range(len(timed))]
+        values = [((latency[scale].get(t) or {}).get(str(batch_size)) or {}).get(key, 0) for t in timed]
+        drawn = speed.bar(at, values, 0.8 / len(bars), color=f"C{i + len(HEADLINE_MODELS)}",
+                          label=f"{scale}, {'images cached' if key == 'speedup_cached' else 'uncached'}")
+        speed.bar_label(drawn, fmt="%.1f×", fontsize=7)
+    speed.axhline(1, color="grey", linewidth=0.8, linestyle="--")
+    speed.set_xticks(range(len(timed)), timed)
+    speed.set(ylabel="teacher ms / DiDE ms", title=f"DiDE speed-up over the teacher (batch {batch_size})")
+    if bars:
+        speed.legend(fontsize=8)
+    else:
+        speed.text(0.5, 0.5, missing(Path(metrics_dir) / "bench" / "latency.json"), ha="center",
+                   transform=speed.transAxes, fontsize=8)
+    speed.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, out)
 

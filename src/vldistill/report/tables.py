@@ -1,5 +1,7 @@
 """Table and figure builders for the report notebooks. Every number is read from this run's metrics files; a missing
-file makes its cells say so instead of showing a stale or typed value."""
+file makes its cells say so instead of showing a stale or typed value. A student is trained once per seed of
+``seeds`` (models ``<variant>_seed<k>``): its cells are mean ± sample std [95% t interval of the mean] over them
+(:mod:`vldistill.report.stats`); the teacher is one run, shown as its value."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from vldistill import paths
 from vldistill.io import save_figure
+from vldistill.report.stats import Summary, format_summary, summarize
 
 MODEL_LABELS = {
     "teacher": "ViLT teacher (fusion encoder)",
@@ -35,10 +39,6 @@ def missing(path: str | Path) -> str:
     return f"missing: {path}"
 
 
-def _percent(value: float | None, decimals: int) -> str | None:
-    return None if value is None else f"{100 * value:.{decimals}f}"
-
-
 def label(model: str) -> str:
     """Readable name of a model; seed replicas (``<variant>_seed<k>``) say which seed they are."""
     base = SEED_SUFFIX.sub("", model)
@@ -46,10 +46,70 @@ def label(model: str) -> str:
     return MODEL_LABELS.get(base, base) + (f" (seed {seed})" if seed else "")
 
 
-def main_results(metrics_dir: str | Path, task: str, models: list[str], decimals: int = 1,
+TEACHER = "teacher"
+"""The one model that is not trained once per seed (a single run: no std, no interval)."""
+
+
+def _under(root: str | Path, path: Path) -> Path:
+    """A :mod:`vldistill.paths` path (``metrics/...``, ``plots/...``) under another root folder (a test's tmp dir)."""
+    return Path(root) / Path(*path.parts[1:])
+
+
+def model_files(metrics_dir: str | Path, task: str, model: str, seeds: list[int]) -> dict[int | None, Path]:
+    """``{seed: metrics file}`` of one model on one task: the teacher's single run (seed ``None``), or each seed's
+    replica ``<model>_seed<k>`` of a ``runs`` variant."""
+    if model == TEACHER:
+        return {None: _under(metrics_dir, paths.eval_metrics(task, model))}
+    return {seed: _under(metrics_dir, paths.eval_metrics(task, paths.replica_name(model, seed))) for seed in seeds}
+
+
+def seed_scores(metrics_dir: str | Path, task: str, model: str, seeds: list[int], split: str,
+                metric: str) -> tuple[Summary | None, str | None]:
+    """``(summary, None)`` of the model's ``metric`` (%) on ``split``, one value per seed in the order of ``seeds``
+    (the teacher: its one run), or ``(None, "missing: ...")`` naming the files that lack it when any does."""
+    values, absent = [], []
+    for seed, path in model_files(metrics_dir, task, model, seeds).items():
+        value = ((read_json(path) or {}).get(split) or {}).get(metric)
+        (values.append(100 * value) if value is not None else absent.append(seed))
+    if not absent:
+        return summarize(values), None
+    if model == TEACHER:
+        return None, missing(_under(metrics_dir, paths.eval_metrics(task, model)))
+    seeds_shown = str(absent[0]) if len(absent) == 1 else "{" + ",".join(map(str, absent)) + "}"
+    return None, missing(_under(metrics_dir, paths.eval_metrics(task, paths.replica_name(model, seeds_shown))))
+
+
+def score_cell(summary: Summary | None, absent: str | None, model: str, decimals: int) -> str:
+    """A table cell: the teacher's one value, a student's ``mean ± std [95% interval]``, or what is missing."""
+    if absent:
+        return absent
+    return f"{summary.mean:.{decimals}f}" if model == TEACHER else format_summary(summary, decimals)
+
+
+MAIN, BASELINE = "dide", "dual_gt"
+"""The main recipe and the same dual encoder trained on ground truth only (``variants`` of params.yaml): rows of
+table 1 wherever they are trained, and the two sides of DiDE's first finding."""
+
+
+def main_students(task_variants: dict[str, list[str]], ablation_task: str,
+                  ablation_tables: dict[str, list[str]]) -> list[str]:
+    """The students of table 1: every variant ``runs`` trains except those that exist only for the ablation tables
+    (trained on ``ablation_task`` alone and listed in one of ``ablation_tables``; :data:`MAIN` and :data:`BASELINE`
+    are never left out), in the order of ``runs`` with the ablation task's runs last (they are mostly ablation
+    rows)."""
+    ablation_only = {v for variants in ablation_tables.values() for v in variants
+                     if v not in (MAIN, BASELINE)
+                     and all(v not in vs for task, vs in task_variants.items() if task != ablation_task)}
+    students = []
+    for task in sorted(task_variants, key=lambda t: t == ablation_task):
+        students += [v for v in task_variants[task] if v not in students and v not in ablation_only]
+    return students
+
+
+def main_results(metrics_dir: str | Path, task: str, models: list[str], seeds: list[int], decimals: int = 1,
                  batch_size: int = 1, fusion_students: frozenset[str] = frozenset()) -> pd.DataFrame:
-    """Rows: models; columns: the task's metrics (%) on dev and test (retrieval: test only), and ms per example
-    (uncached and with cached images) where the task is timed.
+    """Rows: models; columns: the task's metrics (%) on dev and test (retrieval: test only), students as mean ± std
+    [95% interval] over ``seeds``, and ms per example (uncached and with cached images) where the task is timed.
 
     Latency comes from ``metrics/bench/latency.json`` (teacher, and the DiDE student's architecture, shared by every
     dual-encoder variant; fusion students are not timed there)."""
@@ -60,18 +120,16 @@ def main_results(metrics_dir: str | Path, task: str, models: list[str], decimals
     splits = ("test",) if task == "retrieval" else ("dev", "test")
     rows = []
     for model in models:
-        path = metrics_dir / "eval" / task / f"{model}.json"
-        scores = read_json(path)
         row = {"model": label(model)}
         for split in splits:
             for metric in TASK_METRICS[task]:
-                value = None if scores is None else scores.get(split, {}).get(metric)
-                row[f"{split} {METRIC_LABELS.get(metric, metric)} (%)"] = _percent(value, decimals) or missing(path)
+                row[f"{split} {METRIC_LABELS.get(metric, metric)} (%)"] = score_cell(
+                    *seed_scores(metrics_dir, task, model, seeds, split, metric), model, decimals)
         if task != "retrieval":
             ms, cached = f"ms/example (batch {batch_size})", f"ms/example, images cached (batch {batch_size})"
             if not bench:
                 row[ms] = row[cached] = missing(latency_path)
-            elif model == "teacher":
+            elif model == TEACHER:
                 row[ms], row[cached] = f"{bench['teacher_ms']:.3f}", "n/a (fusion)"
             elif model in fusion_students:
                 row[ms] = row[cached] = "not timed (fusion student)"
@@ -85,85 +143,89 @@ RANKING = Path("eval/retrieval/ranking.meta.json")
 """How each retrieval model's recalls were ranked (written by evaluate@retrieval, under ``metrics_dir``)."""
 
 
-def retrieval_ranking(metrics_dir: str | Path, models: list[str]) -> str:
+def _ranking_text(entry: dict | None, path: Path) -> str:
+    if entry is None:
+        return f"not recorded in {path}"
+    if entry["ranking"] == "full":
+        return "full ranking (every caption scored against every image)"
+    k, dual = re.fullmatch(r"rerank@(\d+) by (\w+)", entry["ranking"]).groups()
+    return (f"re-ranked: the fusion model scores the top-{k} candidates of {label(dual)}'s similarities in each "
+            f"direction, the rest rank below ({entry['pairs_scored']['test']:,} of {entry['pairs_total']['test']:,} "
+            "test pairs scored jointly)")
+
+
+def retrieval_ranking(metrics_dir: str | Path, models: list[str], seeds: list[int]) -> str:
     """The line under the retrieval table that says which ranking produced each model's recalls: the full ranking
     (every caption against every image) or a re-ranking of a dual encoder's top-k candidates per direction
-    (``evaluate.rerank_k``), with the joint passes it took on test."""
+    (``evaluate.rerank_k``), with the joint passes it took on test; a student's replicas are named once when they
+    were all ranked alike."""
     path = Path(metrics_dir) / RANKING
     info = read_json(path)
     if info is None:
         return f"Ranking: {missing(path)}"
     groups: dict[str, list[str]] = {}
     for model in models:
-        entry = info.get(model)
-        if entry is None:
-            how = f"not recorded in {path}"
-        elif entry["ranking"] == "full":
-            how = "full ranking (every caption scored against every image)"
+        names = [TEACHER] if model == TEACHER else [paths.replica_name(model, seed) for seed in seeds]
+        hows = {name: _ranking_text(info.get(name), path) for name in names}
+        if len(set(hows.values())) == 1:
+            groups.setdefault(next(iter(hows.values())), []).append(label(model))
         else:
-            k, dual = re.fullmatch(r"rerank@(\d+) by (\w+)", entry["ranking"]).groups()
-            how = (f"re-ranked: the fusion model scores the top-{k} candidates of {label(dual)}'s similarities in each "
-                   f"direction, the rest rank below ({entry['pairs_scored']['test']:,} of "
-                   f"{entry['pairs_total']['test']:,} test pairs scored jointly)")
-        groups.setdefault(how, []).append(label(model))
+            for name, how in hows.items():
+                groups.setdefault(how, []).append(label(name))
     return "Ranking: " + "; ".join(f"{', '.join(names)}: {how}" for how, names in groups.items()) + "."
 
 
-def has_seed_replicas(models: list[str]) -> bool:
-    """Whether any model is a seed replica ``<variant>_seed<k>`` (then :func:`seed_summary` has something to add)."""
-    return any(SEED_SUFFIX.search(model) for model in models)
+def replica_curves(plots_dir: str | Path, task: str, variant: str, seeds: list[int], column: str) -> pd.DataFrame:
+    """One column of each seed's training curve (``plots/train/distill_finetune/<task>/<variant>/seed<k>.csv``),
+    rows where it is logged: index = optimizer step, one column per seed that has a curve with it."""
+    series = {}
+    for seed in seeds:
+        path = _under(plots_dir, paths.replica_curve(task, variant, seed))
+        if path.is_file():
+            frame = pd.read_csv(path)
+            if column in frame:
+                series[seed] = frame.dropna(subset=[column]).set_index("step")[column]
+    return pd.DataFrame(series)
 
 
-def seed_summary(metrics_dir: str | Path, task: str, models: list[str], decimals: int = 1) -> pd.DataFrame:
-    """Mean ± sample std over seed replicas (``<variant>`` and ``<variant>_seed<k>``) of the task's first metric on
-    dev and test; one row per variant with its number of seeds (std shown only with ≥ 2 seeds)."""
-    groups: dict[str, list[str]] = {}
-    for model in models:
-        groups.setdefault(SEED_SUFFIX.sub("", model), []).append(model)
-    metric = TASK_METRICS[task][0]
-    rows = []
-    for base, members in groups.items():
-        row = {"model": label(base), "seeds": str(len(members))}
-        for split in ("dev", "test"):
-            values = [((read_json(Path(metrics_dir) / "eval" / task / f"{m}.json") or {}).get(split, {})).get(metric)
-                      for m in members]
-            found = pd.Series([100 * v for v in values if v is not None], dtype=float)
-            name = f"{split} {METRIC_LABELS.get(metric, metric)} (%)"
-            if len(found) < len(members):
-                row[name] = missing(f"metrics/eval/{task}/ for {len(members) - len(found)} of {members}")
-            elif len(found) > 1:
-                row[name] = f"{found.mean():.{decimals}f} ± {found.std():.{decimals}f}"
-            else:
-                row[name] = f"{found.mean():.{decimals}f}"
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("model")
-
-
-def curves(plots_dir: str | Path, task: str, variants: list[str]) -> dict[str, pd.DataFrame]:
-    """Training curves ``{name: frame}`` for the task's teacher fine-tuning and each student variant (those present)."""
-    plots_dir = Path(plots_dir)
-    found = {"teacher": plots_dir / "train" / "teacher_finetune" / f"{task}.csv"}
-    found |= {v: plots_dir / "train" / "distill_finetune" / task / f"{v}.csv" for v in variants}
+def curves(plots_dir: str | Path, task: str, variants: list[str], seeds: list[int]) -> dict[str, pd.DataFrame]:
+    """Training curves ``{name: frame}`` of the task's teacher fine-tuning and of each seed's replica
+    (``<variant>_seed<k>``) of each student variant, those present."""
+    found = {TEACHER: Path(plots_dir) / "train" / "teacher_finetune" / f"{task}.csv"}
+    found |= {paths.replica_name(v, k): _under(plots_dir, paths.replica_curve(task, v, k)) for v in variants
+              for k in seeds}
     return {name: pd.read_csv(path) for name, path in found.items() if path.is_file()}
 
 
+def plot_seed_band(ax, frames: list[pd.Series], **style) -> None:
+    """Mean over seeds against step, and the min–max band where there are several seeds."""
+    joined = pd.concat(frames, axis=1)
+    line = ax.plot(joined.index, joined.mean(axis=1), **style)
+    if len(frames) > 1:
+        ax.fill_between(joined.index, joined.min(axis=1), joined.max(axis=1), color=line[0].get_color(), alpha=0.15)
+
+
 def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, title: str) -> Path:
-    """Dev ``metric`` (left) and training loss (right) against optimizer step, one line per model; saved as PNG."""
+    """Dev ``metric`` (left) and training loss (right) against optimizer step, one line per model: the seed
+    replicas of a variant (``<variant>_seed<k>``) as their mean, with a min–max band; saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    colours: dict[str, str] = {}  # seed replicas (<variant>_seed<k>) share their variant's colour, dashed
+    groups: dict[str, list[pd.DataFrame]] = {}
     for name, frame in frames.items():
-        base = SEED_SUFFIX.sub("", name)
-        style = {"color": colours.setdefault(base, f"C{len(colours) % 10}"), "linestyle": "--" if base != name else "-"}
-        if f"dev_{metric}" in frame:
-            dev = frame.dropna(subset=[f"dev_{metric}"])
-            ax_dev.plot(dev["step"], 100 * dev[f"dev_{metric}"], marker="o", label=label(name), **style)
-        train = frame.dropna(subset=["loss"])
-        ax_loss.plot(train["step"], train["loss"], label=label(name), alpha=0.8, **style)
+        groups.setdefault(SEED_SUFFIX.sub("", name), []).append(frame)
+    fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (base, group) in enumerate(groups.items()):
+        name = label(base) + (f" (mean of {len(group)} seeds, band min–max)" if len(group) > 1 else "")
+        style = {"color": f"C{i % 10}", "label": name}
+        dev = [f.dropna(subset=[f"dev_{metric}"]).set_index("step")[f"dev_{metric}"] * 100 for f in group
+               if f"dev_{metric}" in f]
+        if dev:
+            plot_seed_band(ax_dev, dev, marker="o", **style)
+        losses = [f.dropna(subset=["loss"]).set_index("step")["loss"] for f in group]
+        plot_seed_band(ax_loss, losses, alpha=0.8, **style)
     ax_dev.set(xlabel="optimizer step", ylabel=f"dev {metric} (%)", title=f"{title}: dev {metric}")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (weighted sum)", title=f"{title}: training loss",
                 yscale="log")
@@ -174,6 +236,29 @@ def plot_curves(frames: dict[str, pd.DataFrame], metric: str, out: str | Path, t
     fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
     return save_figure(fig, out, dpi=110)
+
+
+def curve_ends(plots_dir: str | Path, task: str, variants: list[str], seeds: list[int], metric: str,
+               decimals: int = 1) -> pd.DataFrame:
+    """Where each student's dev curve ends, over its seeds: the dev ``metric`` (%) at the last evaluation, its change
+    since the evaluation before (points; > 0 while the curve still climbs), and the step of each seed's best dev
+    evaluation (the checkpoint kept) against the last step."""
+    rows = []
+    for variant in variants:
+        dev = replica_curves(plots_dir, task, variant, seeds, f"dev_{metric}") * 100
+        row = {"model": label(variant), "seeds with a curve": f"{dev.shape[1]} of {len(seeds)}"}
+        name = f"dev {METRIC_LABELS.get(metric, metric)} at the last evaluation (%)"
+        if dev.shape[1] == 0 or len(dev.dropna()) < 2:
+            row[name] = row["change since the evaluation before (points)"] = "no curve with two dev evaluations"
+            row["best dev at step"] = "n/a"
+        else:
+            dev = dev.dropna()  # evaluation steps that every seed's curve reached
+            row[name] = format_summary(summarize(dev.iloc[-1]), decimals)
+            row["change since the evaluation before (points)"] = format_summary(
+                summarize(dev.iloc[-1] - dev.iloc[-2]), decimals)
+            row["best dev at step"] = f"{', '.join(str(int(dev[s].idxmax())) for s in dev)} of {int(dev.index[-1])}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
 
 
 def data_summary(metrics_dir: str | Path, tasks: list[str]) -> pd.DataFrame:
@@ -200,73 +285,53 @@ def data_summary(metrics_dir: str | Path, tasks: list[str]) -> pd.DataFrame:
 CLASSIFICATION_TASKS = ("nlvr2", "snli_ve", "vqa")
 """The tasks of the paper's main table (retrieval has its own)."""
 
-
-def _score(metrics_dir: Path, task: str, model: str, split: str, metric: str) -> tuple[float | None, Path]:
-    path = metrics_dir / "eval" / task / f"{model}.json"
-    scores = read_json(path)
-    return (None if scores is None else scores.get(split, {}).get(metric)), path
-
-
 NOT_RUN = "not in runs"
 
 
-def paper_main_table(metrics_dir: str | Path, tasks: list[str], models: list[str], decimals: int = 1,
-                     task_variants: dict[str, list[str]] | None = None) -> pd.DataFrame:
-    """Table 1: rows = models, columns = dev and test of each classification task's metric (%), and the average of
-    the test columns (only when every one of them is present). With ``task_variants`` (the students ``runs`` trains
-    per task), a student not trained on a task shows :data:`NOT_RUN` there instead of a missing file."""
-    metrics_dir = Path(metrics_dir)
+def paper_main_table(metrics_dir: str | Path, tasks: list[str], models: list[str], seeds: list[int],
+                     decimals: int = 1, task_variants: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Table 1: rows = models, columns = dev and test of each classification task's metric (%), students as mean ±
+    std [95% interval] over ``seeds``, and the average of the test columns (only when every one of them is present;
+    a student's average is taken per seed over the tasks, then summarised over the seeds). With ``task_variants``
+    (the students ``runs`` trains per task), a student not trained on a task shows :data:`NOT_RUN` there instead of
+    a missing file."""
     rows = []
     for model in models:
         row, tests = {"model": label(model)}, []
         for task in [t for t in CLASSIFICATION_TASKS if t in tasks]:
             metric = TASK_METRICS[task][0]
-            trained = model == "teacher" or task_variants is None or model in task_variants.get(task, [])
+            trained = model == TEACHER or task_variants is None or model in task_variants.get(task, [])
             for split in ("dev", "test"):
-                value, path = _score(metrics_dir, task, model, split, metric) if trained else (None, None)
-                row[f"{task} {split}"] = _percent(value, decimals) or (missing(path) if trained else NOT_RUN)
-                if split == "test":
-                    tests.append(value)
-        row["avg. test"] = (f"{100 * sum(tests) / len(tests):.{decimals}f}" if tests and None not in tests
-                            else "n/a (not every task has a score)")
+                if not trained:
+                    row[f"{task} {split}"] = NOT_RUN
+                    tests += [None] if split == "test" else []
+                    continue
+                summary, absent = seed_scores(metrics_dir, task, model, seeds, split, metric)
+                row[f"{task} {split}"] = score_cell(summary, absent, model, decimals)
+                tests += [summary] if split == "test" else []
+        if tests and None not in tests:
+            per_seed = [sum(values) / len(values) for values in zip(*(s.values for s in tests))]
+            row["avg. test"] = score_cell(summarize(per_seed), None, model, decimals)
+        else:
+            row["avg. test"] = "n/a (not every task has a score)"
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
-
-
-def _seed_values(metrics_dir: Path, task: str, variant: str, seeds: list[int], split: str,
-                 metric: str) -> tuple[list[float], list[int]]:
-    """The metric (%) of each seed's model ``<variant>_seed<k>`` that has a metrics file, and the seeds that have none."""
-    found, absent = [], []
-    for seed in seeds:
-        value, _ = _score(metrics_dir, task, f"{variant}_seed{seed}", split, metric)
-        (found.append(100 * value) if value is not None else absent.append(seed))
-    return found, absent
-
-
-def mean_std(values: list[float], decimals: int) -> str:
-    """``mean ± sample std`` (just the value for one seed)."""
-    series = pd.Series(values, dtype=float)
-    if len(series) > 1:
-        return f"{series.mean():.{decimals}f} ± {series.std():.{decimals}f}"
-    return f"{series.mean():.{decimals}f}"
 
 
 def ablation_table(metrics_dir: str | Path, task: str, variants: list[str], seeds: list[int],
                    recipes: dict[str, dict], decimals: int = 1) -> pd.DataFrame:
     """Tables 4–7: one row per ablation variant with its recipe (``recipes[variant]``: knowledge, layers, stages,
-    student) and the task's metric (%) on dev and test as mean ± std over the seeds' models ``<variant>_seed<k>``;
-    a cell whose seeds are not all present says which are missing."""
-    metrics_dir, metric = Path(metrics_dir), TASK_METRICS[task][0]
+    student) and the task's metric (%) on dev and test as mean ± std [95% interval] over the seeds' models
+    ``<variant>_seed<k>``; a cell whose seeds are not all present says which are missing."""
+    metric = TASK_METRICS[task][0]
     rows = []
     for variant in variants:
         recipe = recipes.get(variant, {})
         row = {"variant": variant, "student": recipe.get("student", "?"), "knowledge": recipe.get("knowledge", "?"),
                "layers": recipe.get("layers", "?"), "stages": recipe.get("stages", "?"), "seeds": str(len(seeds))}
         for split in ("dev", "test"):
-            found, absent = _seed_values(metrics_dir, task, variant, seeds, split, metric)
-            name = f"{split} {METRIC_LABELS.get(metric, metric)} (%)"
-            where = metrics_dir / "eval" / task / f"{variant}_seed{{{','.join(map(str, absent))}}}.json"
-            row[name] = missing(where) if absent else mean_std(found, decimals)
+            row[f"{split} {METRIC_LABELS.get(metric, metric)} (%)"] = score_cell(
+                *seed_scores(metrics_dir, task, variant, seeds, split, metric), variant, decimals)
         rows.append(row)
     return pd.DataFrame(rows).set_index("variant")
 

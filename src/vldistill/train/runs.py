@@ -23,11 +23,12 @@ from vldistill.data.prepared import read_answers
 from vldistill.evaluate import sharding
 from vldistill.evaluate.metrics import retrieval_scores, split_batches, task_metrics
 from vldistill.io import atomic_dir, write_json
+from vldistill.paths import replica_name
 from vldistill.models.dual import DualEncoder
 from vldistill.models.fusion import fusion_student
 from vldistill.models.teacher import ViltTeacher, vilt_config
 from vldistill.train import objectives, tasks
-from vldistill.train.loop import clear_checkpoints, fit, make_fabric
+from vldistill.train.loop import clear_checkpoints, fit, make_fabric, write_curve
 from vldistill.train.tracking import Tracker
 
 
@@ -58,8 +59,10 @@ def _split(params: Params, task: str, split: str, tokenizer):
 
 
 def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: Path, extra: dict, tracker: Tracker,
-            curve: Path) -> dict:
-    """Save the best-on-dev model, write the stage's metrics file, log both, drop the resume checkpoints."""
+            curve: Path, keep_checkpoint: bool = False) -> dict:
+    """Save the best-on-dev model, write the stage's metrics file, log both, drop the resume checkpoints (unless
+    ``keep_checkpoint``: a replica's stay until the stage's last replica is saved, as DVC removes the stage's
+    outputs before a rerun)."""
     summary = {"best_epoch": result.best_epoch, "steps": result.steps,
                **{f"dev_{k}": round(v, 6) for k, v in result.best_dev.items()}, **extra}
     if fabric.is_global_zero:
@@ -70,7 +73,8 @@ def _finish(fabric, model, result, out_dir: Path, metrics_path: Path, ckpt_dir: 
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         tracker.log_artifact(metrics_path)
         tracker.log_artifact(curve)
-    clear_checkpoints(fabric, ckpt_dir)
+    if not keep_checkpoint:
+        clear_checkpoints(fabric, ckpt_dir)
     return summary
 
 
@@ -300,25 +304,46 @@ def _teacher_fn(recipe, teacher: ViltTeacher, train, teacher_layers: list[int], 
 
 
 def distill_finetune(params: Params, task: str, variant: str) -> dict:
-    """Fine-tuning distillation of one named variant on ``task``: student from ``distill_pretrain`` when 'pretrain'
-    is in the recipe's stages (else from the pre-trained teacher), knowledge from the fine-tuned teacher of ``task``;
-    the checkpoint kept is the best on dev."""
-    stage, budget, recipe = "distill_finetune", params.budget("distill_finetune", task), params.variant(variant)
-    seed = params.variant_seed(variant)
-    fabric = make_fabric(params.fabric, seed)
+    """Fine-tuning distillation of one named variant on ``task``, one replica per seed of ``seeds`` (model
+    ``<variant>_seed<k>`` in ``models/distill_finetune/<task>/<variant>/seed<k>``): student from ``distill_pretrain``
+    when 'pretrain' is in the recipe's stages (else from the pre-trained teacher), knowledge from the fine-tuned
+    teacher of ``task``, the checkpoint kept the best on dev. The replicas share one process, the loaded splits and
+    the teacher's cached targets; each has its own resume checkpoint until the last one is done."""
+    stage, recipe = "distill_finetune", params.variant(variant)
+    fabric = make_fabric(params.fabric, params.seeds[0])
     tokenizer = tok.load(paths.TOKENIZER)
     train, dev = _split(params, task, "train", tokenizer), _split(params, task, "dev", tokenizer)
     teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().requires_grad_(False)
     teacher = fabric.to_device(teacher)
+    cached: dict[tuple[int, ...], object] = {}
+
+    def targets_for(layers: list[int]):
+        """The teacher's targets for ``layers``: computed (or cached) once, shared by every seed's replica."""
+        if tuple(layers) not in cached:
+            cached[tuple(layers)] = _teacher_fn(recipe, teacher, train, layers, fabric.device)
+        return cached[tuple(layers)]
+
+    summaries = {replica_name(variant, seed): _distill_replica(params, task, variant, seed, fabric, train, dev,
+                                                               teacher, targets_for)
+                 for seed in params.seeds}
+    clear_checkpoints(fabric, paths.checkpoint_dir(stage, task, variant))
+    return summaries
+
+
+def _distill_replica(params: Params, task: str, variant: str, seed: int, fabric, train, dev, teacher,
+                     targets_for) -> dict:
+    """One seed's student of :func:`distill_finetune`: seeded before the student's new weights are drawn."""
+    stage, budget, recipe = "distill_finetune", params.budget("distill_finetune", task), params.variant(variant)
+    fabric.seed_everything(seed, workers=True, verbose=False)
     student = _finetune_student(params, variant, task)
     negatives = params.train.retrieval_negatives
-    targets_for = lambda layers: _teacher_fn(recipe, teacher, train, layers, fabric.device)  # noqa: E731
     objective = objectives.distill_finetune_objective(recipe, task, student, teacher, negatives, targets_for)
-    ckpt, curve = paths.checkpoint_dir(stage, task, variant), paths.curve_path(stage, task, variant)
+    ckpt = paths.checkpoint_dir(stage, task, variant) / f"seed{seed}"
+    curve = paths.replica_curve(task, variant, seed)
     with Tracker(stage, flatten({"seed": seed, "distill": recipe, "student": params.student,
                                  "student_kind": params.student_kind(variant), f"train.{stage}": budget,
                                  "train.augment": params.train.augment}),
-                 task=task, variant=variant, enabled=fabric.is_global_zero) as tracker:
+                 task=task, variant=replica_name(variant, seed), enabled=fabric.is_global_zero) as tracker:
         result = fit(fabric, objective,
                      train.loader(budget.batch_size, True, seed, drop_last=True, augment=_augment(params, stage)),
                      _dev_metrics(task, dev, fabric), budget, tasks.METRIC[task], ckpt, curve,
@@ -329,7 +354,9 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
                      seed, tracker, head_prefixes=("model.fusion", "model.classifier", "model.rank_output", "extras"),
                      seed_per_batch=params.fabric.seed_per_batch)
         result.best_state = _strip(result.best_state)
-        return _finish(fabric, student, result, paths.model_dir(stage, task, variant),
-                       paths.train_metrics(stage, task, variant), ckpt,
+        if fabric.is_global_zero and not curve.is_file():  # resumed from a finished replica's checkpoint
+            write_curve(curve, result.history)
+        return _finish(fabric, student, result, paths.replica_dir(task, variant, seed),
+                       paths.replica_metrics(task, variant, seed), ckpt,
                        {"knowledge": "+".join(recipe.knowledge), "student": params.student_kind(variant),
-                        "seed": seed}, tracker, curve)
+                        "seed": seed}, tracker, curve, keep_checkpoint=True)
