@@ -20,9 +20,9 @@ checked against ``fabric.*`` before they start (:func:`machine_error`)."""
 
 
 def stage_args(description: str, task: bool = False, variant: bool = False, any_data_task: bool = False,
-               seed: bool = False, check: Callable[[argparse.Namespace, Params], str | None] | None = None,
+               check: Callable[[argparse.Namespace, Params], str | None] | None = None,
                ) -> tuple[argparse.Namespace, Params]:
-    """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` / ``--seed`` and ``-S key=value``
+    """Parse ``--params`` (default params.yaml), optional ``--task`` / ``--variant`` and ``-S key=value``
     overrides;
     validate the params before any work starts (exit status 2 with one line on error). Then, before any work too:
     ``check(args, params)``, the stage's own check (prepare: that an official source's directories exist or can be
@@ -36,8 +36,6 @@ def stage_args(description: str, task: bool = False, variant: bool = False, any_
         parser.add_argument("--task", required=True)
     if variant:
         parser.add_argument("--variant", required=True)
-    if seed:
-        parser.add_argument("--seed", required=True, type=int)
     args = parser.parse_args()
     params = load_or_exit(args.params, args.set)
     if any_data_task:  # prepare: every task with a data section, enabled or not

@@ -804,6 +804,12 @@ class Params(Strict):
         """The variants ``runs`` trains on ``task``, in the order of ``runs``."""
         return [run.variant for run in self.runs.values() if run.task == task]
 
+    @property
+    def lead_seed(self) -> int:
+        """The first seed of ``seeds``: its replica stands for a variant where one model is needed (re-ranking
+        candidates, the attention figure, exports, latency) and it seeds the process of each run."""
+        return self.seeds[0]
+
     def task_models(self, task: str) -> list[str]:
         """The students ``runs`` trains on ``task``: one model ``<variant>_seed<k>`` per variant and seed of
         ``seeds``, variant by variant in the order of ``runs``."""

@@ -124,7 +124,7 @@ def embedded_latency(params: Params) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for task in tasks:
         teacher = _place(ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval(), fabric)
-        student = _place(DualEncoder.load(paths.replica_dir(task, "dide", params.seeds[0])).eval(), fabric)
+        student = _place(DualEncoder.load(paths.replica_dir(task, "dide", params.lead_seed)).eval(), fabric)
         split = load_split(paths.PREPARED, task, "test", tokenizer, params.teacher.max_text_len,
                            params.teacher.pixel_norm)
         with fabric.autocast():
@@ -168,7 +168,7 @@ def embedded_retrieval_models(params: Params) -> tuple[ViltTeacher, DualEncoder,
     the embedded size (``teacher.*``, ``tokenizer.vocab_size``, the scene image size); and which it was."""
     if "retrieval" in params.tasks:
         teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", "retrieval"))
-        student = DualEncoder.load(paths.replica_dir("retrieval", "dide", params.seeds[0]))
+        student = DualEncoder.load(paths.replica_dir("retrieval", "dide", params.lead_seed))
         return teacher.eval(), student.eval(), "trained"
     image_size = params.data.scene.grid * params.data.scene.cell
     config = vilt_config(params.teacher, image_size, params.tokenizer.vocab_size)
@@ -263,7 +263,7 @@ def run_latency(params: Params) -> dict:
     if bench.paper.enabled:
         with torch_threads(bench.paper.threads):
             results["paper"] = paper_latency(bench, precision=precision)
-    results |= {"device": device_info(bench, precision), "setup": latency_setup(bench, params.seeds[0])}
+    results |= {"device": device_info(bench, precision), "setup": latency_setup(bench, params.lead_seed)}
     write_json(paths.LATENCY, results)
     return results
 

@@ -24,7 +24,7 @@ def dual_variants(params: Params, task: str) -> list[str]:
 
 def card_params(params: Params, task: str, variant: str) -> dict:
     """The params that made the student: its seed, recipe, student and teacher architecture, fine-tuning budget."""
-    return {"seed": params.seeds[0], "distill": params.variant(variant).model_dump(),
+    return {"seed": params.lead_seed, "distill": params.variant(variant).model_dump(),
             "student": params.student.model_dump(), "teacher": params.teacher.model_dump(),
             "train.distill_finetune": params.budget("distill_finetune", task).model_dump(),
             "data": {task: getattr(params.data, task).model_dump()}}
@@ -43,9 +43,8 @@ def export_task(params: Params, task: str) -> dict[str, dict]:
     answers = read_answers(paths.PREPARED, task) if task == "vqa" else None
     labels = label_names(read_split(paths.PREPARED, task, "train"), task, answers)
     base_model = teacher.init if teacher.init != "scratch" else None
-    written = {}
-    for variant in variants:  # the replica of the first seed (the others differ only by their seed)
-        seed = params.seeds[0]
+    written, seed = {}, params.lead_seed  # the replica of the first seed (the others differ only by their seed)
+    for variant in variants:
         written[variant] = export_student(
             paths.replica_dir(task, variant, seed), EXPORTS / task / variant, tokenizer, batch,
             task=task, variant=variant, pixel_norm=teacher.pixel_norm, max_text_len=teacher.max_text_len,

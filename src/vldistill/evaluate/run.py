@@ -35,9 +35,8 @@ def models_for(task: str, params: Params) -> dict[str, object]:
 
 
 def lead_replica(params: Params, variant: str) -> str:
-    """The replica that stands for ``variant`` where one model is needed (re-ranking candidates, the attention
-    figure, exports, latency): the one of the first seed of ``seeds``."""
-    return paths.replica_name(variant, params.seeds[0])
+    """The model name of the replica that stands for ``variant`` (:attr:`Params.lead_seed`'s)."""
+    return paths.replica_name(variant, params.lead_seed)
 
 
 def ranking(name: str, is_dual: bool, params: Params) -> str:

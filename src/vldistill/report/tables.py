@@ -67,14 +67,17 @@ def seed_scores(metrics_dir: str | Path, task: str, model: str, seeds: list[int]
                 metric: str) -> tuple[Summary | None, str | None]:
     """``(summary, None)`` of the model's ``metric`` (%) on ``split``, one value per seed in the order of ``seeds``
     (the teacher: its one run), or ``(None, "missing: ...")`` naming the files that lack it when any does."""
-    values, absent = [], []
-    for seed, path in model_files(metrics_dir, task, model, seeds).items():
+    files, values, absent = model_files(metrics_dir, task, model, seeds), [], []
+    for seed, path in files.items():
         value = ((read_json(path) or {}).get(split) or {}).get(metric)
-        (values.append(100 * value) if value is not None else absent.append(seed))
+        if value is None:
+            absent.append(seed)
+        else:
+            values.append(100 * value)
     if not absent:
         return summarize(values), None
     if model == TEACHER:
-        return None, missing(_under(metrics_dir, paths.eval_metrics(task, model)))
+        return None, missing(files[None])
     seeds_shown = str(absent[0]) if len(absent) == 1 else "{" + ",".join(map(str, absent)) + "}"
     return None, missing(_under(metrics_dir, paths.eval_metrics(task, paths.replica_name(model, seeds_shown))))
 

@@ -310,7 +310,7 @@ def distill_finetune(params: Params, task: str, variant: str) -> dict:
     teacher of ``task``, the checkpoint kept the best on dev. The replicas share one process, the loaded splits and
     the teacher's cached targets; each has its own resume checkpoint until the last one is done."""
     stage, recipe = "distill_finetune", params.variant(variant)
-    fabric = make_fabric(params.fabric, params.seeds[0])
+    fabric = make_fabric(params.fabric, params.lead_seed)
     tokenizer = tok.load(paths.TOKENIZER)
     train, dev = _split(params, task, "train", tokenizer), _split(params, task, "dev", tokenizer)
     teacher = ViltTeacher.load(paths.model_dir("teacher_finetune", task)).eval().requires_grad_(False)
